@@ -1,0 +1,70 @@
+"""hear_msm: masked spectrogram models (SSAST, SSAM, AxLSTM) as HEAR embedding models.
+
+    >>> import hear_msm
+    >>> hear_msm.list_models()
+    ['ssast_tiny', 'ssast_small', 'ssast_base', 'ssam_tiny', ..., 'axlstm_base']
+    >>> model = hear_msm.create_model("ssam_tiny")               # random init, official key layout
+    >>> model = hear_msm.load_model("path/to/run_or_weights")     # architecture read from the weights
+
+For HEAR embeddings use the per-model modules, e.g. `hear_msm.ssam_tiny.load_model()`.
+"""
+from __future__ import annotations
+
+import os
+
+__version__ = "0.1.0"
+
+from . import mamba as _mamba  # noqa: E402  (the family modules register their presets)
+from . import transformer as _transformer  # noqa: E402
+from . import xlstm as _xlstm  # noqa: E402
+from ._encoder import EncoderConfig, MaskedSpectrogramModel, SpectrogramEncoder  # noqa: E402
+from ._registry import list_models  # noqa: E402
+from .mamba import MambaConfig  # noqa: E402
+from .transformer import TransformerConfig  # noqa: E402
+from .xlstm import XLSTMConfig  # noqa: E402
+
+__all__ = [
+    "__version__", "list_models", "create_model", "load_model",
+    "EncoderConfig", "TransformerConfig", "MambaConfig", "XLSTMConfig",
+    "MaskedSpectrogramModel", "SpectrogramEncoder",
+]
+
+
+def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto") -> MaskedSpectrogramModel:
+    """Build a registered architecture, optionally with weights.
+
+    name: an architecture from `list_models()`, or "arch.tag" to load that weight tag.
+    pretrained: False (random init), True (the architecture's default tag) or any weight
+        source accepted by `load_model` (path, "hf://org/repo@rev", tag). Weights must match
+        the architecture exactly; a checkpoint of another family or size is an error.
+    kernel: "auto" | "cuda" | "reference", the selective-scan implementation (SSAM only).
+    """
+    from ._registry import model_builder
+
+    arch, _, tag = name.partition(".")
+    if tag:
+        if pretrained not in (False, True, ""):
+            raise ValueError(f"{name!r} already names weights; do not pass pretrained={pretrained!r} as well")
+        pretrained = f"{arch}.{tag}"
+    builder = model_builder(arch)
+    model = builder(kernel=kernel)
+    if pretrained is False:
+        return model
+    from ._weights import load_state_strict, load_weights
+
+    weights = load_weights("" if pretrained is True else pretrained, arch=arch)
+    load_state_strict(model, weights)
+    model.weights_source = weights.source
+    return model
+
+
+def load_model(source: str | os.PathLike, kernel: str = "auto") -> MaskedSpectrogramModel:
+    """Load a model from weights alone; the architecture comes from the weights.
+
+    source: our format (folder with config.json + model.safetensors, or the .safetensors file),
+        "hf://org/repo[@revision]", an official run folder or .pth checkpoint (read without
+        executing pickle code), or "arch.tag".
+    """
+    from ._weights import instantiate, load_weights
+
+    return instantiate(load_weights(source), kernel=kernel)

@@ -1,0 +1,255 @@
+"""The encoder shell shared by all three families, and the masked-spectrogram model around it.
+
+Every hear_msm encoder reads a log-mel patch grid the same way (Yadav, Theodoridis & Tan's
+SSAST / SSAM / AxLSTM, after Gong et al.'s SSAST):
+
+    log-mel [B, 1, T=200, F=80]  --Conv2d(k=s=(4, 16))-->  [B, 50 * 5, D] time-major tokens
+    + fixed 2-D sin-cos positions, CLS prepended  -->  [B, 251, D]
+    --> depth x pre-norm residual block (attention | Mamba | mLSTM)  --> LayerNorm
+
+Only the residual block differs between families; it comes from a factory in the family's file.
+Parameter names follow the authors' checkpoints exactly, so their `.pth` files load strictly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+CONFIG_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderConfig:
+    """Architecture of one encoder; saved as `config.json` beside the weights.
+
+    Runtime choices (kernel, layout, batch size) are deliberately not part of it.
+    """
+
+    arch: str
+    embed_dim: int
+    depth: int = 12
+    num_frames: int = 200  # log-mel frames per input, 10 ms hop -> 2 s
+    num_mels: int = 80
+    patch_frames: int = 4  # patch height along time -> one token column = 40 ms
+    patch_mels: int = 16
+    norm_eps: float = 1e-6  # final LayerNorm (and SSAST/SSAM block norms)
+
+    family = "base"  # class attribute, not a field: each family subclass sets it
+
+    def __post_init__(self):
+        if self.num_frames % self.patch_frames or self.num_mels % self.patch_mels:
+            raise ValueError(
+                f"{self.arch}: input {self.num_frames}x{self.num_mels} is not divisible into "
+                f"{self.patch_frames}x{self.patch_mels} patches"
+            )
+
+    @property
+    def grid_time(self) -> int:
+        return self.num_frames // self.patch_frames
+
+    @property
+    def grid_freq(self) -> int:
+        return self.num_mels // self.patch_mels
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_time * self.grid_freq
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_frames * self.patch_mels
+
+    @property
+    def frame_embedding_size(self) -> int:
+        """Size of one 40 ms timestamp embedding: the `grid_freq` tokens of a column side by side."""
+        return self.grid_freq * self.embed_dim
+
+    def to_dict(self) -> dict:
+        return {"format_version": CONFIG_FORMAT_VERSION, "family": self.family, **dataclasses.asdict(self)}
+
+
+def config_from_dict(data: dict) -> EncoderConfig:
+    """Inverse of `EncoderConfig.to_dict`, strict about version, family and field names."""
+    from ._registry import config_classes  # the families register their config classes
+
+    data = dict(data)
+    version = data.pop("format_version", None)
+    if version != CONFIG_FORMAT_VERSION:
+        raise ValueError(
+            f"config format_version {version!r} is not supported (this hear_msm reads version "
+            f"{CONFIG_FORMAT_VERSION}); upgrade hear_msm or re-export the weights"
+        )
+    family = data.pop("family", None)
+    classes = config_classes()
+    if family not in classes:
+        raise ValueError(f"config family {family!r} is unknown; expected one of {sorted(classes)}")
+    cls = classes[family]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"config for family {family!r} has unknown fields {unknown}; accepted: {sorted(names)}")
+    # JSON turns tuples into lists; none of our fields are sequences, so values pass through
+    return cls(**data)
+
+
+def sincos_2d_position_table(embed_dim: int, grid_time: int, grid_freq: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions [1 + grid_time * grid_freq, embed_dim], CLS row zero.
+
+    Rows follow the time-major token order (index = t * grid_freq + f). The first half of the
+    channels encodes the frequency index, the second half the time index, each as
+    [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (D/4)) (MAE convention).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos positions, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.to(torch.float64)[:, None] * omega[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    time_index = torch.arange(grid_time).repeat_interleave(grid_freq)
+    freq_index = torch.arange(grid_freq).repeat(grid_time)
+    table = torch.cat([encode(freq_index), encode(time_index)], dim=1)
+    return torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), table]).float()
+
+
+class PatchEmbed(nn.Module):
+    """[B, 1, T, F] log-mel -> [B, (T/pt) * (F/pf), D] tokens, time-major."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        patch = (config.patch_frames, config.patch_mels)
+        self.proj = nn.Conv2d(1, config.embed_dim, kernel_size=patch, stride=patch)
+
+    def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        grid = self.proj(spectrogram)  # [B, D, T/pt, F/pf]
+        return grid.flatten(2).transpose(1, 2)  # index = t * (F/pf) + f
+
+
+class SpectrogramEncoder(nn.Module):
+    """Patch embedding, positions, CLS token, `depth` residual blocks and a final LayerNorm.
+
+    `block_factory(layer_index)` builds one residual block (x -> x + f(x)); the families
+    supply it. `forward_features(spectrogram)` gives the token embeddings.
+    """
+
+    def __init__(self, config: EncoderConfig, block_factory: Callable[[int], nn.Module]):
+        super().__init__()
+        self.config = config
+        dim = config.embed_dim
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # Fixed, but a parameter (not a buffer) because the official checkpoints store it there.
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, dim), requires_grad=False)
+        self.blocks = nn.ModuleList(block_factory(i) for i in range(config.depth))
+        self.encoder_norm = nn.LayerNorm(dim, eps=config.norm_eps)
+
+    def embed_patches(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, F] -> patch tokens with positions [B, N, D] (no CLS)."""
+        expected = (1, self.config.num_frames, self.config.num_mels)
+        if spectrogram.ndim != 4 or tuple(spectrogram.shape[1:]) != expected:
+            raise ValueError(
+                f"{self.config.arch} expects log-mel input of shape [batch, {expected[0]}, "
+                f"{expected[1]}, {expected[2]}] (time first), got {tuple(spectrogram.shape)}"
+            )
+        return self.patch_embed(spectrogram) + self.pos_embed[:, 1:]
+
+    def encode_tokens(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens [B, N, D] -> normalised outputs [B, 1 + N, D] (CLS first)."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patch_tokens.shape[0], -1, -1)
+        x = torch.cat([cls, patch_tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.encoder_norm(x)
+
+    def forward_features(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, F] normalised log-mel -> patch token embeddings [B, N, D], time-major."""
+        return self.encode_tokens(self.embed_patches(spectrogram))[:, 1:]
+
+    def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(spectrogram)
+
+    @torch.no_grad()
+    def reset_shared_parameters(self) -> None:
+        """Initialise what all families share: sin-cos positions, CLS, patch projection, norm."""
+        cfg = self.config
+        self.pos_embed.copy_(sincos_2d_position_table(cfg.embed_dim, cfg.grid_time, cfg.grid_freq)[None])
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(cfg.embed_dim, -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.ones_(self.encoder_norm.weight)
+        nn.init.zeros_(self.encoder_norm.bias)
+
+
+MASKING_MODES = ("unstructured", "timestep")
+
+
+class MaskedSpectrogramModel(SpectrogramEncoder):
+    """Encoder + mask token + prediction head: the full pretraining model.
+
+    Its `state_dict()` has exactly the keys of the authors' checkpoints (flat names such as
+    `blocks.3.mixer.A_log`, `mask_token`, `pred.2.weight`), which is why the objective extends
+    the encoder class instead of holding it as a submodule.
+    """
+
+    def __init__(self, config: EncoderConfig, block_factory: Callable[[int], nn.Module]):
+        super().__init__(config, block_factory)
+        dim = config.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pred = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, config.patch_dim))
+
+    def patchify(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, F] -> reconstruction targets [B, N, pt * pf], time-major, (time, mel) inside."""
+        cfg = self.config
+        b = spectrogram.shape[0]
+        x = spectrogram.reshape(b, cfg.grid_time, cfg.patch_frames, cfg.grid_freq, cfg.patch_mels)
+        return x.permute(0, 1, 3, 2, 4).reshape(b, cfg.num_patches, cfg.patch_dim)
+
+    def sample_mask(self, batch: int, ratio: float, mode: str = "unstructured",
+                    generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Boolean mask [batch, N], True = masked; exactly int(N * (1 - ratio)) patches kept.
+
+        `timestep` masks whole 40 ms columns (all frequency patches of a time step).
+        """
+        if mode not in MASKING_MODES:
+            raise ValueError(f"masking mode {mode!r} is unknown; expected one of {MASKING_MODES}")
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+        cfg = self.config
+        units = cfg.num_patches if mode == "unstructured" else cfg.grid_time
+        keep = int(units * (1 - ratio))
+        noise = torch.rand(batch, units, generator=generator, device=device)
+        ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each unit's noise
+        mask = ranks >= keep
+        if mode == "timestep":
+            mask = mask.repeat_interleave(cfg.grid_freq, dim=1)
+        return mask
+
+    def forward(self, spectrogram: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Predict patch values: [B, 1, T, F], mask [B, N] (True = masked) -> [B, N, pt * pf]."""
+        tokens = self.embed_patches(spectrogram)
+        tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
+        return self.pred(self.encode_tokens(tokens)[:, 1:])
+
+    def reconstruction_loss(self, spectrogram: torch.Tensor, mask: torch.Tensor,
+                            masked_only: bool = False) -> torch.Tensor:
+        """MSE between predictions and patch targets, over all patches or the masked ones."""
+        prediction = self(spectrogram, mask).float()
+        error = (prediction - self.patchify(spectrogram).float()).pow(2).mean(dim=-1)  # [B, N]
+        if masked_only:
+            return (error * mask).sum() / mask.sum().clamp_min(1)
+        return error.mean()
+
+    @torch.no_grad()
+    def reset_shared_parameters(self) -> None:
+        super().reset_shared_parameters()
+        nn.init.normal_(self.mask_token, std=0.02)
+        for layer in (self.pred[0], self.pred[2]):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+

@@ -1,0 +1,179 @@
+"""HEAR runtime: clips of any length -> 40 ms timestamp embeddings and scene embeddings.
+
+A clip's per-clip-normalised log-mel is cut into 2 s chunks (200 frames, zero-padded at the
+end); every chunk of every clip goes through the encoder in batches of at most
+`max_batch_chunks`; each chunk yields 50 token columns whose 5 frequency tokens are
+concatenated into one 5*D embedding per 40 ms.
+
+Layouts:
+  "time"      (default) column j holds the 5 frequency tokens of time step j, in time order;
+              one embedding per 40 ms of audio (a last column with < 20 ms of audio is dropped),
+              timestamps at column centres 20 + 40 j ms.
+  "official"  reproduces the authors' wrapper bit for bit, including its frame layout, which
+              reads the time-major tokens as frequency-major ('b (f t) d -> b t (f d)'): each
+              output frame then mixes 5 time steps of one band, so time order is scrambled.
+              Their chunking (always a padded tail chunk) and evenly spread timestamps are
+              reproduced too. Use it only to reproduce the published numbers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._encoder import SpectrogramEncoder
+from ._frontend import HOP_SAMPLES, SAMPLE_RATE, LogMelFrontend
+
+LAYOUTS = ("time", "official")
+
+
+class HearModel(nn.Module):
+    """A hear_msm encoder with the attributes and methods the HEAR API expects."""
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, encoder: SpectrogramEncoder, layout: str = "time", max_batch_chunks: int = 32,
+                 weights: str = ""):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if int(max_batch_chunks) < 1:
+            raise ValueError(f"max_batch_chunks must be a positive integer, got {max_batch_chunks!r}")
+        self.encoder = encoder.eval()
+        self.frontend = LogMelFrontend(encoder.config.num_mels)
+        self.layout = layout
+        self.max_batch_chunks = int(max_batch_chunks)
+        self.weights = weights  # where the weights came from, for provenance
+        cfg = encoder.config
+        self.scene_embedding_size = int(cfg.frame_embedding_size)
+        self.timestamp_embedding_size = int(cfg.frame_embedding_size)
+        self.chunk_frames = cfg.num_frames
+        self.column_frames = cfg.patch_frames
+        self.columns_per_chunk = cfg.grid_time
+        # 40 ms per token column
+        self.column_samples = self.column_frames * HOP_SAMPLES
+        self.hop_ms = 1000.0 * self.column_samples / SAMPLE_RATE
+
+    @property
+    def arch(self) -> str:
+        return self.encoder.config.arch
+
+    # ----------------------------------------------------------------------------- geometry
+    def plan(self, num_samples: int) -> tuple[int, int]:
+        """(chunks, embeddings) per clip of `num_samples` samples for this layout."""
+        frames = LogMelFrontend.num_frames(num_samples)
+        if self.layout == "official":
+            padding = self.chunk_frames - frames % self.chunk_frames  # 1..200: always pads
+            chunks = (frames + padding) // self.chunk_frames
+            trimmed = int(self.columns_per_chunk * padding / self.chunk_frames)
+            return chunks, chunks * self.columns_per_chunk - trimmed
+        # one column per 40 ms, rounding so that every timestamp lies inside the clip
+        columns = (num_samples + self.column_samples // 2) // self.column_samples
+        return math.ceil(columns / self.columns_per_chunk), columns
+
+    def timestamps(self, num_clips: int, num_samples: int) -> torch.Tensor:
+        """Centre of each embedding's audio in ms, [num_clips, embeddings], float32."""
+        _, count = self.plan(num_samples)
+        if self.layout == "official":
+            # the authors spread the embeddings evenly over the clip, starting at 0
+            step = num_samples / SAMPLE_RATE / count * 1000.0
+            times = step * torch.arange(count, dtype=torch.float64)
+        else:
+            times = self.hop_ms * (torch.arange(count, dtype=torch.float64) + 0.5)
+        return times.float().expand(num_clips, count).contiguous()
+
+    # ----------------------------------------------------------------------------- encoding
+    def _chunk_embeddings(self, audio: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (clip_index [k], chunk_embeddings [k, 50, 5*D]) over all chunks in batches."""
+        num_clips, num_samples = audio.shape
+        chunks, _ = self.plan(num_samples)
+        region = chunks * self.chunk_frames
+        device = next(self.encoder.parameters()).device
+        for clip_start in range(0, num_clips, max(1, self.max_batch_chunks // chunks)):
+            clips = audio[clip_start:clip_start + max(1, self.max_batch_chunks // chunks)].to(device)
+            features = self.frontend.to(device)(clips)  # [c, frames, mels]
+            frames = features.shape[1]
+            if frames < region:
+                features = torch.nn.functional.pad(features, (0, 0, 0, region - frames))
+            # a lone frame past the last chunk (clip length an exact multiple of 40 ms) is dropped
+            features = features[:, :region]
+            chunk_batch = features.reshape(-1, 1, self.chunk_frames, features.shape[-1])  # [c*chunks, 1, 200, 80]
+            clip_index = torch.arange(clip_start, clip_start + clips.shape[0]).repeat_interleave(chunks)
+            for start in range(0, chunk_batch.shape[0], self.max_batch_chunks):
+                tokens = self.encoder.forward_features(chunk_batch[start:start + self.max_batch_chunks])  # [k, N, D]
+                yield clip_index[start:start + self.max_batch_chunks], self._columns(tokens)
+
+    def _columns(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens [k, T*F, D] (time-major) -> frame embeddings [k, T, F*D]."""
+        k, _, dim = tokens.shape
+        t, f = self.columns_per_chunk, tokens.shape[1] // self.columns_per_chunk
+        if self.layout == "official":
+            return tokens.reshape(k, f, t, dim).transpose(1, 2).reshape(k, t, f * dim)
+        return tokens.reshape(k, t, f * dim)
+
+    @torch.no_grad()
+    def timestamp_embeddings(self, audio) -> tuple[torch.Tensor, torch.Tensor]:
+        """audio [n, samples] float at 16 kHz -> (embeddings [n, T, 5*D], timestamps [n, T] ms)."""
+        audio = validate_audio(audio, self.column_samples)
+        num_clips, num_samples = audio.shape
+        _, count = self.plan(num_samples)
+        pieces: list[list[torch.Tensor]] = [[] for _ in range(num_clips)]
+        for clip_index, frames in self._chunk_embeddings(audio):
+            for i, clip_frames in zip(clip_index.tolist(), frames):
+                pieces[i].append(clip_frames)
+        if num_clips:
+            embeddings = torch.stack([torch.cat(p)[:count] for p in pieces]).float()
+        else:
+            embeddings = torch.zeros(0, count, self.timestamp_embedding_size)
+        return embeddings, self.timestamps(num_clips, num_samples).to(embeddings.device)
+
+    @torch.no_grad()
+    def scene_embeddings(self, audio) -> torch.Tensor:
+        """audio [n, samples] float at 16 kHz -> mean of the timestamp embeddings [n, 5*D].
+
+        Accumulated chunk by chunk, so hour-long clips never hold all frame embeddings at once.
+        """
+        audio = validate_audio(audio, self.column_samples)
+        num_clips, num_samples = audio.shape
+        _, count = self.plan(num_samples)
+        sums = torch.zeros(num_clips, self.scene_embedding_size, dtype=torch.float64)
+        seen = [0] * num_clips
+        for clip_index, frames in self._chunk_embeddings(audio):
+            for i, clip_frames in zip(clip_index.tolist(), frames):
+                kept = clip_frames[: max(0, count - seen[i])]
+                sums[i] += kept.double().sum(0).cpu()
+                seen[i] += clip_frames.shape[0]
+        device = next(self.encoder.parameters()).device
+        return (sums / count).float().to(device)
+
+
+def validate_audio(audio, min_samples: int) -> torch.Tensor:
+    """Check HEAR input and return it as a float32 tensor [n, samples]; ValueError otherwise."""
+    if isinstance(audio, np.ndarray):
+        audio = torch.from_numpy(audio)
+    if not isinstance(audio, torch.Tensor):
+        raise ValueError(f"audio must be a torch.Tensor [n_clips, n_samples], got {type(audio).__name__}")
+    if audio.ndim != 2:
+        hint = " (a single clip: pass audio.unsqueeze(0))" if audio.ndim == 1 else ""
+        raise ValueError(f"audio must be 2-D [n_clips, n_samples] at 16 kHz, got shape {tuple(audio.shape)}{hint}")
+    if not audio.is_floating_point():
+        raise ValueError(
+            f"audio must be floating point in [-1, 1], got dtype {audio.dtype} "
+            "(for int16 PCM divide by 32768)"
+        )
+    if audio.shape[1] == 0:
+        raise ValueError("audio has zero samples per clip; need at least one 40 ms token (640 samples at 16 kHz)")
+    if audio.shape[1] < min_samples:
+        raise ValueError(
+            f"audio clips have {audio.shape[1]} samples; need at least {min_samples} "
+            f"({1000 * min_samples / SAMPLE_RATE:.0f} ms at 16 kHz, one token column)"
+        )
+    if audio.numel():
+        finite = torch.isfinite(audio).all(dim=1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            raise ValueError(f"audio contains NaN or Inf values in clip(s) {bad[:10]}")
+    return audio.float()

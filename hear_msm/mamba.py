@@ -1,0 +1,207 @@
+"""SSAM: Audio Mamba, a masked spectrogram model built from Mamba selective state-space blocks.
+
+Yadav & Tan, "Audio Mamba: Selective State Spaces for Self-Supervised Audio Representations"
+(Interspeech 2024); Mamba from Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective
+State Spaces" (2023). One causal direction per block, d_state 24, d_conv 4, expand 3.
+
+The mixer is plain PyTorch with mamba-ssm's parameter names (`A_log`, `D`, `in_proj`, `conv1d`,
+`x_proj`, `dt_proj`, `out_proj`). On CUDA, when mamba-ssm is installed (`hear_msm[cuda]`), the
+selective scan runs in its fused kernel instead; both paths take the same inputs. mamba-ssm is
+never imported on a machine without CUDA (its import needs Triton and the CUDA extension).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._encoder import EncoderConfig, MaskedSpectrogramModel
+from ._registry import register_family, register_model
+
+KERNELS = ("auto", "cuda", "reference")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MambaConfig(EncoderConfig):
+    d_state: int = 24
+    d_conv: int = 4
+    expand: int = 3
+    dt_rank: int = 0  # 0 = mamba-ssm's "auto": ceil(embed_dim / 16)
+
+    family = "mamba"
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.embed_dim
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return self.dt_rank or math.ceil(self.embed_dim / 16)
+
+
+def selective_scan_reference(u, delta, A, B, C, D):
+    """Selective scan, sequential in time (pure PyTorch).
+
+    u, delta: [batch, L, E] (delta already softplus-ed and biased); A: [E, N];
+    B, C: [batch, L, N]; D: [E]. Returns y: [batch, L, E] with
+        h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,   y_t = h_t . C_t + D * u_t.
+    Iterating over `unbind` views keeps autograd's backward linear in L.
+    """
+    batch, length, inner = u.shape
+    decay = torch.exp(delta.unsqueeze(-1) * A)  # [b, L, E, N]
+    drive = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # [b, L, E, N]
+    state = u.new_zeros(batch, inner, A.shape[1])
+    outputs = []
+    for decay_t, drive_t, c_t in zip(decay.unbind(1), drive.unbind(1), C.unbind(1)):
+        state = decay_t * state + drive_t
+        outputs.append(torch.bmm(state, c_t.unsqueeze(-1)).squeeze(-1))  # [b, E]
+    return torch.stack(outputs, dim=1) + u * D
+
+
+def _load_cuda_scan() -> Callable | None:
+    """mamba-ssm's fused `selective_scan_fn`, or None where it cannot run."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+    return selective_scan_fn
+
+
+def use_cuda_kernel(kernel: str, tensor_is_cuda: bool, kernel_loader: Callable = _load_cuda_scan) -> bool:
+    """The dispatch decision: fused CUDA scan or the PyTorch reference.
+
+    `auto` takes the kernel when the tensor is on CUDA and mamba-ssm imports; `cuda` demands it
+    (clear error otherwise); `reference` always uses PyTorch.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "reference" or (kernel == "auto" and not tensor_is_cuda):
+        return False
+    available = kernel_loader() is not None
+    if kernel == "cuda" and not (tensor_is_cuda and available):
+        raise ValueError(
+            "kernel='cuda' needs the input on a CUDA device and mamba-ssm installed "
+            "(pip install 'hear_msm[cuda]'); use kernel='auto' or 'reference' on CPU"
+        )
+    return available
+
+
+class MambaMixer(nn.Module):
+    """Mamba selective SSM mixer: [B, L, D] -> [B, L, D], causal in L."""
+
+    def __init__(self, config: MambaConfig, kernel: str = "auto"):
+        super().__init__()
+        dim, inner, rank, n = config.embed_dim, config.d_inner, config.resolved_dt_rank, config.d_state
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.config = config
+        self.kernel = kernel  # runtime choice, not saved
+        self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
+        self.conv1d = nn.Conv1d(inner, inner, config.d_conv, groups=inner, padding=config.d_conv - 1)
+        self.x_proj = nn.Linear(inner, rank + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(rank, inner)
+        self.A_log = nn.Parameter(torch.empty(inner, n))
+        self.D = nn.Parameter(torch.empty(inner))
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        length = hidden.shape[1]
+        rank, n = self.config.resolved_dt_rank, self.config.d_state
+        u, gate = self.in_proj(hidden).chunk(2, dim=-1)  # [B, L, E] each
+        # depthwise causal conv: pad both sides by d_conv - 1, keep the first L outputs
+        u = F.silu(self.conv1d(u.transpose(1, 2))[..., :length]).transpose(1, 2)
+        dt, B, C = self.x_proj(u).split([rank, n, n], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        if use_cuda_kernel(self.kernel, hidden.is_cuda):
+            y = self._cuda_scan(u, dt, A, B, C, gate)
+        else:
+            delta = F.softplus(self.dt_proj(dt).float())
+            y = selective_scan_reference(u.float(), delta, A, B.float(), C.float(), self.D.float())
+            y = (y * F.silu(gate.float())).to(hidden.dtype)
+        return self.out_proj(y)
+
+    def _cuda_scan(self, u, dt, A, B, C, gate):
+        scan = _load_cuda_scan()
+        # the fused kernel wants channels first, adds dt bias and softplus itself, and gates by z
+        delta = F.linear(dt, self.dt_proj.weight)
+        y = scan(
+            u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A,
+            B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
+            z=gate.transpose(1, 2).contiguous(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+        )
+        return y.transpose(1, 2)
+
+    @torch.no_grad()
+    def reset_parameters(self, depth: int) -> None:
+        """mamba-ssm's initialisation (S4D-real A, log-uniform steps in [1e-3, 0.1])."""
+        cfg = self.config
+        rank = cfg.resolved_dt_rank
+        for linear in (self.in_proj, self.x_proj):
+            nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+        self.conv1d.reset_parameters()
+        nn.init.uniform_(self.dt_proj.weight, -(rank**-0.5), rank**-0.5)
+        dt = torch.exp(torch.rand(cfg.d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp_min(1e-4)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).repeat(cfg.d_inner, 1))
+        self.D.fill_(1.0)
+        # GPT-2 style: residual output projections scaled by 1/sqrt(depth)
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        self.out_proj.weight /= math.sqrt(depth)
+
+
+class MambaBlock(nn.Module):
+    """x + mixer(LayerNorm(x)); the same function as mamba-ssm's "Add -> LN -> Mixer" block
+    (which only carries the residual separately to fuse the add into its norm kernel)."""
+
+    def __init__(self, config: MambaConfig, kernel: str = "auto"):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps)
+        self.mixer = MambaMixer(config, kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mixer(self.norm(x))
+
+
+def build_mamba(config: MambaConfig, kernel: str = "auto") -> MaskedSpectrogramModel:
+    model = MaskedSpectrogramModel(config, lambda index: MambaBlock(config, kernel))
+    model.reset_shared_parameters()
+    for block in model.blocks:
+        block.mixer.reset_parameters(config.depth)
+    return model
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    """Switch every Mamba mixer in `model` to another scan implementation (runtime setting)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    for module in model.modules():
+        if isinstance(module, MambaMixer):
+            module.kernel = kernel
+
+
+register_family(MambaConfig, build_mamba)
+
+
+def _create_ssam(arch: str, kernel: str = "auto", **fields) -> MaskedSpectrogramModel:
+    return build_mamba(MambaConfig(arch=arch, **fields), kernel=kernel)
+
+
+@register_model
+def ssam_tiny(**overrides) -> MaskedSpectrogramModel:
+    return _create_ssam("ssam_tiny", **{"embed_dim": 192, **overrides})
+
+
+@register_model
+def ssam_small(**overrides) -> MaskedSpectrogramModel:
+    return _create_ssam("ssam_small", **{"embed_dim": 384, **overrides})
+
+
+@register_model
+def ssam_base(**overrides) -> MaskedSpectrogramModel:
+    return _create_ssam("ssam_base", **{"embed_dim": 768, **overrides})

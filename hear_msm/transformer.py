@@ -1,0 +1,113 @@
+"""SSAST: the Transformer baseline of the masked spectrogram model family.
+
+Gong et al., "SSAST: Self-Supervised Audio Spectrogram Transformer" (AAAI 2022), in the
+configuration Yadav, Theodoridis & Tan use as the baseline for Audio Mamba (SSAM) and Audio
+xLSTM (AxLSTM): a pre-norm ViT over 4x16 log-mel patches, MLP ratio 4, exact GELU, qkv bias.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._encoder import EncoderConfig, MaskedSpectrogramModel
+from ._registry import register_family, register_model
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransformerConfig(EncoderConfig):
+    num_heads: int
+    mlp_ratio: float = 4.0
+
+    family = "transformer"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"{self.arch}: embed_dim {self.embed_dim} not divisible by {self.num_heads} heads")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: [B, L, D] -> [B, L, D]."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv_layer = nn.Linear(dim, 3 * dim)
+        self.proj_layer = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, dim = x.shape
+        qkv = self.qkv_layer(x).view(b, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, head_dim]
+        # the fused kernel computes softmax(q k^T / sqrt(head_dim)) v, as the authors' explicit form
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj_layer(out.transpose(1, 2).reshape(b, length, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.layer1 = nn.Linear(dim, hidden)
+        self.layer2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(F.gelu(self.layer1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm ViT block: x + attn(norm1(x)), then + mlp(norm2(.))."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        dim = config.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.attn = Attention(dim, config.num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for linear in (self.attn.qkv_layer, self.attn.proj_layer, self.mlp.layer1, self.mlp.layer2):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        for norm in (self.norm1, self.norm2):
+            nn.init.ones_(norm.weight)
+            nn.init.zeros_(norm.bias)
+
+
+def build_transformer(config: TransformerConfig, **runtime_options) -> MaskedSpectrogramModel:
+    """Runtime options (kernel choices) do not apply to attention and are ignored."""
+    model = MaskedSpectrogramModel(config, lambda index: TransformerBlock(config))
+    model.reset_shared_parameters()
+    for block in model.blocks:
+        block.reset_parameters()
+    return model
+
+
+register_family(TransformerConfig, build_transformer)
+
+
+def _create_ssast(arch: str, kernel: str = "auto", **fields) -> MaskedSpectrogramModel:
+    return build_transformer(TransformerConfig(arch=arch, **fields), kernel=kernel)
+
+
+@register_model
+def ssast_tiny(**overrides) -> MaskedSpectrogramModel:
+    return _create_ssast("ssast_tiny", **{"embed_dim": 192, "num_heads": 3, **overrides})
+
+
+@register_model
+def ssast_small(**overrides) -> MaskedSpectrogramModel:
+    return _create_ssast("ssast_small", **{"embed_dim": 384, "num_heads": 6, **overrides})
+
+
+@register_model
+def ssast_base(**overrides) -> MaskedSpectrogramModel:
+    return _create_ssast("ssast_base", **{"embed_dim": 768, "num_heads": 12, **overrides})

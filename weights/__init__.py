@@ -1,0 +1,1 @@
+"""Registry of weight tags and shipped weights (installed as hear_msm.weights)."""
