@@ -18,6 +18,7 @@ Layouts:
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterator
 
 import numpy as np
@@ -177,3 +178,38 @@ def validate_audio(audio, min_samples: int) -> torch.Tensor:
             bad = torch.nonzero(~finite).flatten().tolist()
             raise ValueError(f"audio contains NaN or Inf values in clip(s) {bad[:10]}")
     return audio.float()
+
+
+# ------------------------------------------------------------------------------------ HEAR API
+def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", max_batch_chunks: int = 32,
+                    kernel: str = "auto", device: str | torch.device | None = None) -> HearModel:
+    """The HEAR `load_model` of every `hear_msm.<arch>` module.
+
+    model_file_path: "" for the architecture's default weights, or any weight source
+        `hear_msm.load_model` accepts (official run folder / .pth, our folder or .safetensors,
+        "hf://org/repo@rev", "arch.tag"). The weights must be for `arch`.
+    layout: "time" (correct time order, default) or "official" (the authors' scrambled frame
+        layout, only to reproduce published numbers); see this module's docstring.
+    max_batch_chunks: how many 2 s chunks go through the encoder at once (bounds memory).
+    """
+    from . import create_model
+
+    model = create_model(arch, pretrained=os.fspath(model_file_path) or True, kernel=kernel)
+    runtime = HearModel(model, layout=layout, max_batch_chunks=max_batch_chunks, weights=model.weights_source)
+    return runtime.to(device) if device is not None else runtime
+
+
+def _check_model(model) -> HearModel:
+    if not isinstance(model, HearModel):
+        raise ValueError(f"model must come from this module's load_model(), got {type(model).__name__}")
+    return model
+
+
+def get_scene_embeddings(audio, model: HearModel) -> torch.Tensor:
+    """audio [n, samples] float at 16 kHz -> [n, scene_embedding_size] float32."""
+    return _check_model(model).scene_embeddings(audio)
+
+
+def get_timestamp_embeddings(audio, model: HearModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """audio [n, samples] float at 16 kHz -> ([n, T, timestamp_embedding_size], [n, T] ms)."""
+    return _check_model(model).timestamp_embeddings(audio)

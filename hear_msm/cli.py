@@ -1,0 +1,146 @@
+"""`hear-msm` command line: list models, embed audio files, convert official checkpoints."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _cmd_list(args) -> int:
+    import hear_msm
+    from hear_msm._weights import default_tag, weight_tags
+
+    print(f"{'model':<14} {'family':<12} {'params':>12}  {'default weights':<28} tags")
+    for arch in hear_msm.list_models(args.pattern):
+        import torch
+
+        with torch.device("meta"):
+            model = hear_msm.create_model(arch)
+        params = sum(p.numel() for p in model.state_dict().values())
+        tags = ", ".join(f"{arch}.{t}" for t in weight_tags(arch)) or "-"
+        default = f"{arch}.{default_tag(arch)}" if default_tag(arch) else "none (see README)"
+        print(f"{arch:<14} {model.config.family:<12} {params:>12,}  {default:<28} {tags}")
+    return 0
+
+
+def read_audio_16k_mono(path: Path) -> tuple[np.ndarray, list[str]]:
+    """Read any soundfile-readable file -> float32 mono at 16 kHz, plus notes on what changed."""
+    import soundfile as sf
+    import torch
+    import torchaudio.functional as AF
+
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [samples, channels]
+    except (RuntimeError, sf.LibsndfileError) as error:
+        raise ValueError(f"{path}: cannot read audio ({error}); soundfile reads wav, flac, ogg, mp3 and more") from None
+    notes = []
+    if data.shape[1] > 1:
+        notes.append(f"mixed {data.shape[1]} channels to mono")
+        data = data.mean(axis=1, keepdims=True)
+    audio = torch.from_numpy(np.ascontiguousarray(data[:, 0]))
+    if rate != 16000:
+        notes.append(f"resampled {rate} Hz -> 16000 Hz")
+        audio = AF.resample(audio, rate, 16000)
+    return audio.numpy(), notes
+
+
+def _cmd_embed(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from hear_msm._hear import load_hear_model
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ValueError(f"--out must end in .npz, got {out}")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    files = [Path(f) for f in args.files]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such audio file(s): {', '.join(missing)}")
+    model = load_hear_model(args.model, args.weights, layout=args.layout,
+                            max_batch_chunks=args.max_batch_chunks, device=args.device)
+    print(f"model {args.model}, weights: {model.weights}, layout {args.layout}", file=sys.stderr)
+    result: dict[str, np.ndarray] = {}
+    scenes = []
+    for index, path in enumerate(tqdm(files, desc="embedding", unit="file")):
+        audio, notes = read_audio_16k_mono(path)
+        if notes:
+            tqdm.write(f"{path}: {'; '.join(notes)}", file=sys.stderr)
+        batch = torch.from_numpy(audio)[None]
+        try:
+            embeddings, timestamps = model.timestamp_embeddings(batch)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        result[f"timestamp_embeddings_{index:04d}"] = embeddings[0].cpu().numpy()
+        result[f"timestamps_{index:04d}"] = timestamps[0].cpu().numpy()
+        scenes.append(embeddings[0].mean(0).cpu().numpy())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        out, files=np.array([str(f) for f in files]), scene_embeddings=np.stack(scenes),
+        model=np.array(args.model), weights=np.array(model.weights), layout=np.array(args.layout), **result,
+    )
+    print(f"wrote {out}: {len(files)} file(s), scene embeddings {np.stack(scenes).shape}, "
+          f"timestamp embeddings every {model.hop_ms:.0f} ms", file=sys.stderr)
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    import torch
+
+    from hear_msm._weights import instantiate, load_weights, save_pretrained
+
+    weights = load_weights(args.checkpoint)
+    model = instantiate(weights)
+    dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    out = save_pretrained(model, args.out_dir, dtype=dtype, overwrite=args.overwrite)
+    print(f"converted {weights.source} ({model.config.arch}) -> {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import hear_msm
+
+    parser = argparse.ArgumentParser(prog="hear-msm", description=__doc__)
+    parser.add_argument("--version", action="version", version=hear_msm.__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list architectures and their weight tags")
+    p.add_argument("pattern", nargs="?", default="*", help="glob over model names, e.g. 'ssam_*'")
+    p.set_defaults(run=_cmd_list)
+
+    p = sub.add_parser("embed", help="embed audio files into an .npz (scene + timestamp embeddings)")
+    p.add_argument("files", nargs="+", help="audio files (any rate / channel count soundfile reads)")
+    p.add_argument("--model", required=True, choices=hear_msm.list_models())
+    p.add_argument("--weights", default="", help='weight source; default: the model\'s default tag')
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--layout", default="time", choices=["time", "official"],
+                   help="'official' reproduces the authors' scrambled frame layout (published numbers)")
+    p.add_argument("--max-batch-chunks", type=int, default=32, help="2 s chunks per encoder batch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=_cmd_embed)
+
+    p = sub.add_parser("convert", help="official .pth run folder -> hear_msm weights folder")
+    p.add_argument("checkpoint", help="official run folder or checkpoint-<epoch>.pth")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--overwrite", action="store_true", help="replace weights already in out_dir")
+    p.set_defaults(run=_cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"hear-msm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
