@@ -14,9 +14,10 @@ import os
 
 __version__ = "0.1.0"
 
-from . import mamba as _mamba  # noqa: E402  (the family modules register their presets)
-from . import transformer as _transformer  # noqa: E402
-from . import xlstm as _xlstm  # noqa: E402
+# The family modules register their presets on import; this order is the order of list_models().
+from . import transformer as _transformer  # noqa: E402  isort: skip
+from . import mamba as _mamba  # noqa: E402  isort: skip
+from . import xlstm as _xlstm  # noqa: E402  isort: skip
 from ._encoder import EncoderConfig, MaskedSpectrogramModel, SpectrogramEncoder  # noqa: E402
 from ._registry import list_models  # noqa: E402
 from .mamba import MambaConfig  # noqa: E402

@@ -78,7 +78,12 @@ def _resolve_tag(arch: str, tag: str) -> LoadedWeights:
     entry = tags[tag]
     if entry.get("file"):
         path = Path(str(resources.files("hear_msm.weights").joinpath(entry["file"])))
-        _hub.verify_sha256(path, entry.get("sha256"))
+        if not path.is_file():
+            raise FileNotFoundError(f"{arch}.{tag}: the shipped weights file {path} is missing; reinstall hear_msm")
+        actual = _hub.sha256_of_file(path)
+        if entry.get("sha256") and actual != entry["sha256"].lower():
+            raise ValueError(f"{arch}.{tag}: {path} has sha256 {actual}, the registry expects {entry['sha256']}; "
+                             "the installation is damaged, reinstall hear_msm")
         return _load_ours(path, f"{arch}.{tag} (shipped file {entry['file']})")
     if entry.get("hub_repo"):
         return _load_hub(entry["hub_repo"], entry.get("revision"), entry.get("sha256"), f"{arch}.{tag}")
@@ -113,10 +118,12 @@ def _load_ours(path: Path, source: str) -> LoadedWeights:
     return LoadedWeights(config, state_dict, source)
 
 
-def _load_official(path: Path) -> LoadedWeights:
+def _load_official(path: Path, requested_arch: str | None) -> LoadedWeights:
+    """The checkpoint's own architecture (from its saved config or its tensors), else the requested one
+    (the strict load then names what does not fit)."""
     checkpoint = _checkpoint.read_official_checkpoint(path)
     arch = official_arch_name(checkpoint.arch) if checkpoint.arch else None
-    arch = arch or infer_arch(checkpoint.state_dict)
+    arch = arch or infer_arch(checkpoint.state_dict) or requested_arch
     if arch is None:
         raise ValueError(
             f"{checkpoint.path}: cannot tell which architecture this checkpoint is for "
@@ -127,8 +134,10 @@ def _load_official(path: Path) -> LoadedWeights:
 
 
 def _load_hub(repo_id: str, revision: str | None, sha256: str | None, source: str) -> LoadedWeights:
-    weights_file = _hub.download_file(repo_id, WEIGHTS_NAME, revision=revision, sha256=sha256)
-    _hub.download_file(repo_id, CONFIG_NAME, revision=revision)
+    # read at call time (huggingface_hub reads them once at import) so a session can redirect them
+    where = {"endpoint": os.environ.get("HF_ENDPOINT"), "cache_dir": os.environ.get("HF_HUB_CACHE")}
+    weights_file = _hub.download_file(repo_id, WEIGHTS_NAME, revision=revision, sha256=sha256, **where)
+    _hub.download_file(repo_id, CONFIG_NAME, revision=revision, **where)
     return _load_ours(weights_file, f"{source} (hf://{repo_id}@{revision or 'main'})")
 
 
@@ -165,7 +174,7 @@ def load_weights(source: str | os.PathLike | None, arch: str | None = None) -> L
         raise FileNotFoundError(f"weights not found: {source!r} is neither an existing path nor a weight tag; {ACCEPTED}")
     if path.is_dir() and (path / WEIGHTS_NAME).is_file() or path.suffix == ".safetensors":
         return _load_ours(path, str(path))
-    return _load_official(path)
+    return _load_official(path, arch)
 
 
 # ------------------------------------------------------------------------------------ building

@@ -15,3 +15,4 @@ torch.set_num_threads(1)
 TESTS_DIR = Path(__file__).parent
 FIXTURES = TESTS_DIR / "fixtures"
 sys.path.insert(0, str(TESTS_DIR))  # random_checkpoint, hub_server
+pytest_plugins = ["hub_server"]
