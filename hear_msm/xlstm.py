@@ -12,12 +12,28 @@ scales by (1 + weight) and the direction flip.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from xlstm.blocks.mlstm.layer import mLSTMLayer, mLSTMLayerConfig
+
+
+def _import_mlstm_layer():
+    # xlstm's package __init__ also loads its sLSTM CUDA helpers, whose import of
+    # torch.utils.cpp_extension logs "No CUDA runtime is found" on CPU machines; we use mLSTM only.
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_extension_log.level
+    cpp_extension_log.setLevel(logging.ERROR)
+    try:
+        from xlstm.blocks.mlstm.layer import mLSTMLayer, mLSTMLayerConfig
+    finally:
+        cpp_extension_log.setLevel(level)
+    return mLSTMLayer, mLSTMLayerConfig
+
+
+mLSTMLayer, mLSTMLayerConfig = _import_mlstm_layer()
 
 from ._encoder import EncoderConfig, MaskedSpectrogramModel
 from ._registry import register_family, register_model
