@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--overwrite", action="store_true", help="replace weights already in out_dir")
     p.set_defaults(run=_cmd_convert)
+
+    from .train import register_commands
+
+    register_commands(sub)
     return parser
 
 

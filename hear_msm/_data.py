@@ -1,0 +1,377 @@
+"""Pretraining data: audio folders and tar shards -> random 2 s crops of normalised log-mel.
+
+Two sources, one interface (`num_items`, `groups`, `load(index, rng)`):
+
+  AudioFolder   every wav/flac/ogg file under a folder, any rate and channel count, decoded with
+                soundfile, mixed to mono and resampled to 16 kHz. Unreadable files and files shorter
+                than `min_seconds` are skipped at start-up and counted. Files longer than
+                `max_clip_seconds` are read as one random segment of that length (the AudioSet
+                clips of the official recipe are 10 s), so an hour-long file costs no more than a clip.
+  TarShards     webdataset-style tar files (`shard-000000.tar`, ...): members `<key>.logmel.npy`
+                (float16 [frames, 80], already per-clip normalised) or `<key>.flac` (16 kHz mono),
+                written by `write_shards` / `hear-msm prepare-shards`. Members are indexed once at
+                start-up and read by offset, so any clip can be fetched directly.
+
+Every clip becomes the per-clip-normalised log-mel of `LogMelFrontend` (normalised over the whole
+clip, as the official recipe), from which a random `num_frames` crop is taken; clips shorter than
+the crop are padded with zeros (= the clip mean after normalisation), as the HEAR runtime pads.
+
+Randomness is explicit: a clip's segment and crop come from `numpy.random.default_rng((seed,
+epoch, index))` and the order from `EpochSampler`, so a batch is a pure function of (seed, step):
+DataLoader workers, restarts and `--resume` all reproduce it exactly.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from ._frontend import SAMPLE_RATE, LogMelFrontend
+
+log = logging.getLogger("hear_msm.data")
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+
+# ------------------------------------------------------------------------------------ audio
+def to_16k_mono(data: np.ndarray, rate: int) -> torch.Tensor:
+    """[samples, channels] float at `rate` -> float32 [samples'] mono at 16 kHz."""
+    import torchaudio.functional as AF
+
+    audio = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1), dtype=np.float32))
+    if rate != SAMPLE_RATE:
+        audio = AF.resample(audio, rate, SAMPLE_RATE)
+    return audio
+
+
+def read_segment(path: str | os.PathLike, max_seconds: float | None, rng: np.random.Generator) -> torch.Tensor:
+    """Read a file (a random `max_seconds` segment if longer) as 16 kHz mono float32 [samples]."""
+    with sf.SoundFile(str(path)) as handle:
+        rate, frames = handle.samplerate, handle.frames
+        length = frames if max_seconds is None else min(frames, int(round(max_seconds * rate)))
+        start = int(rng.integers(0, frames - length + 1))
+        handle.seek(start)
+        data = handle.read(length, dtype="float32", always_2d=True)
+    return to_16k_mono(data, rate)
+
+
+class _Features:
+    """Log-mel with the frontend built once per process (MelSpectrogram holds the filterbank)."""
+
+    _frontend: LogMelFrontend | None = None
+
+    @classmethod
+    def logmel(cls, audio: torch.Tensor) -> torch.Tensor:
+        """[samples] 16 kHz -> normalised log-mel [frames, 80] float32."""
+        if cls._frontend is None:
+            cls._frontend = LogMelFrontend()
+        with torch.no_grad():
+            return cls._frontend(audio[None])[0]
+
+
+def random_crop(logmel: torch.Tensor, num_frames: int, rng: np.random.Generator) -> torch.Tensor:
+    """[frames, mels] -> [num_frames, mels]: a random window, zero-padded at the end if short."""
+    frames = logmel.shape[0]
+    if frames < num_frames:
+        return torch.nn.functional.pad(logmel, (0, 0, 0, num_frames - frames))
+    start = int(rng.integers(0, frames - num_frames + 1))
+    return logmel[start:start + num_frames]
+
+
+# ------------------------------------------------------------------------------------ sources
+def find_audio_files(root: str | os.PathLike) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"audio folder not found: {root}")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+
+
+class AudioFolder:
+    """Audio files under `root` (recursively); see the module docstring."""
+
+    def __init__(self, root: str | os.PathLike, min_seconds: float = 0.5, max_clip_seconds: float | None = 10.0):
+        self.root = Path(root)
+        self.max_clip_seconds = max_clip_seconds
+        self.files: list[Path] = []
+        self.seconds: list[float] = []
+        self.skipped = {"unreadable": 0, "too_short": 0}
+        for path in find_audio_files(self.root):
+            try:
+                info = sf.info(str(path))
+                duration = info.frames / info.samplerate
+            except (RuntimeError, sf.LibsndfileError, ZeroDivisionError):
+                self.skipped["unreadable"] += 1
+                continue
+            if duration < min_seconds:
+                self.skipped["too_short"] += 1
+                continue
+            self.files.append(path)
+            self.seconds.append(duration)
+        if not self.files:
+            raise ValueError(f"{self.root}: no usable audio files (wav/flac/ogg of at least {min_seconds} s); "
+                             f"skipped {self.skipped}")
+
+    @property
+    def num_items(self) -> int:
+        return len(self.files)
+
+    @property
+    def groups(self) -> list[range]:
+        """Each file is its own group (see `EpochSampler`)."""
+        return [range(i, i + 1) for i in range(len(self.files))]
+
+    @property
+    def hours(self) -> float:
+        return sum(self.seconds) / 3600
+
+    def describe(self) -> str:
+        return (f"{self.num_items} audio files ({self.hours:.2f} h) under {self.root}; skipped "
+                f"{self.skipped['unreadable']} unreadable and {self.skipped['too_short']} too short")
+
+    def load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        """Normalised log-mel [frames, 80] of file `index` (a random segment if long)."""
+        try:
+            audio = read_segment(self.files[index], self.max_clip_seconds, rng)
+        except (RuntimeError, sf.LibsndfileError) as error:
+            # a file that passed the start-up check but fails now (changed on disk): a silent clip
+            log.warning("cannot read %s (%s); using silence", self.files[index], error)
+            audio = torch.zeros(SAMPLE_RATE)
+        return _Features.logmel(audio)
+
+
+@dataclass
+class _Member:
+    shard: int
+    offset: int
+    size: int
+    kind: str  # "logmel" | "flac"
+
+
+class TarShards:
+    """Tar shards written by `write_shards`; see the module docstring."""
+
+    def __init__(self, root_or_files: str | os.PathLike | Sequence[str | os.PathLike], max_clip_seconds: float | None = 10.0):
+        if isinstance(root_or_files, (str, os.PathLike)) and Path(root_or_files).is_dir():
+            self.shards = sorted(Path(root_or_files).glob("*.tar"))
+        elif isinstance(root_or_files, (str, os.PathLike)):
+            self.shards = [Path(root_or_files)]
+        else:
+            self.shards = [Path(p) for p in root_or_files]
+        if not self.shards:
+            raise FileNotFoundError(f"no .tar shards in {root_or_files}")
+        self.max_clip_seconds = max_clip_seconds
+        self.members: list[_Member] = []
+        self._groups: list[range] = []
+        for number, shard in enumerate(self.shards):
+            start = len(self.members)
+            with tarfile.open(shard, "r:") as archive:
+                for info in archive:
+                    if not info.isfile():
+                        continue
+                    kind = "logmel" if info.name.endswith(".logmel.npy") else "flac" if info.name.endswith(".flac") else None
+                    if kind:
+                        self.members.append(_Member(number, info.offset_data, info.size, kind))
+            self._groups.append(range(start, len(self.members)))
+        if not self.members:
+            raise ValueError(f"{self.shards[0].parent}: shards hold no .logmel.npy or .flac members")
+        self._handles: dict[int, object] = {}
+
+    @property
+    def num_items(self) -> int:
+        return len(self.members)
+
+    @property
+    def groups(self) -> list[range]:
+        """One group per shard: `EpochSampler` hands whole shards to each rank."""
+        return self._groups
+
+    def describe(self) -> str:
+        return f"{self.num_items} clips in {len(self.shards)} tar shards under {self.shards[0].parent}"
+
+    def _read(self, member: _Member) -> bytes:
+        # one open handle per shard and process (DataLoader workers each get their own copy)
+        handle = self._handles.get(member.shard)
+        if handle is None:
+            handle = self._handles[member.shard] = open(self.shards[member.shard], "rb")
+        handle.seek(member.offset)
+        return handle.read(member.size)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handles": {}}
+
+    def load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        member = self.members[index]
+        payload = self._read(member)
+        if member.kind == "logmel":
+            return torch.from_numpy(np.load(io.BytesIO(payload)).astype(np.float32))
+        data, rate = sf.read(io.BytesIO(payload), dtype="float32", always_2d=True)
+        if self.max_clip_seconds is not None and len(data) > self.max_clip_seconds * rate:
+            length = int(self.max_clip_seconds * rate)
+            start = int(rng.integers(0, len(data) - length + 1))
+            data = data[start:start + length]
+        return _Features.logmel(to_16k_mono(data, rate))
+
+
+def open_source(path: str | os.PathLike, min_seconds: float = 0.5, max_clip_seconds: float | None = 10.0):
+    """A folder of .tar shards -> TarShards; any other folder -> AudioFolder."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".tar":
+        return TarShards(path, max_clip_seconds)
+    if not path.is_dir():
+        raise FileNotFoundError(f"training data not found: {path} (expected a folder of audio files or of .tar shards)")
+    if any(path.glob("*.tar")):
+        return TarShards(path, max_clip_seconds)
+    return AudioFolder(path, min_seconds, max_clip_seconds)
+
+
+# ------------------------------------------------------------------------------------ sampling
+class EpochSampler:
+    """Deterministic, shard-aware order of clip indices for one rank.
+
+    Epoch e: the groups (shards, or single files for a folder) are shuffled with seed (seed, e)
+    and dealt round-robin to the ranks, so each rank reads only its own shards; each rank then
+    shuffles its clips. Every rank's epoch is cut to the same length (the smallest share, whole
+    batches) so DDP ranks step in lockstep. `batches(epoch)` lists that rank's batches.
+    """
+
+    def __init__(self, groups: list[range], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if len(groups) < world_size:
+            raise ValueError(f"{len(groups)} shard(s)/file(s) cannot be split across {world_size} ranks; "
+                             "write more shards (hear-msm prepare-shards --clips-per-shard)")
+        self.groups, self.batch_size, self.seed = groups, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        # the smallest share over all epochs is not known in advance; bound it by the worst deal
+        sizes = sorted(len(g) for g in groups)
+        per_rank = len(groups) // world_size
+        smallest_share = sum(sizes[:per_rank])
+        self.batches_per_epoch = smallest_share // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the data holds too few clips per rank ({smallest_share}) for a batch of {batch_size}")
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng((self.seed, epoch, 0x5A3))
+        order = rng.permutation(len(self.groups))[: len(self.groups) // self.world_size * self.world_size]
+        mine = [i for g in order[self.rank::self.world_size] for i in self.groups[g]]
+        rng = np.random.default_rng((self.seed, epoch, 0x5A3, self.rank))
+        mine = [mine[i] for i in rng.permutation(len(mine))]
+        n = self.batches_per_epoch * self.batch_size
+        return [mine[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Map-style view for a DataLoader: item (epoch, index) -> crop [1, num_frames, 80]."""
+
+    def __init__(self, source, num_frames: int, seed: int):
+        self.source, self.num_frames, self.seed = source, num_frames, seed
+
+    def __len__(self) -> int:
+        return self.source.num_items
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        epoch, index = key
+        rng = np.random.default_rng((self.seed, epoch, index))
+        return random_crop(self.source.load(index, rng), self.num_frames, rng)[None]
+
+
+class _ResumableBatchSampler(torch.utils.data.Sampler):
+    """Yields [(epoch, index), ...] batches forever, starting at a given (epoch, batch)."""
+
+    def __init__(self, sampler: EpochSampler, start_epoch: int, start_batch: int):
+        self.sampler, self.start_epoch, self.start_batch = sampler, start_epoch, start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, first = self.start_epoch, self.start_batch
+        while True:
+            for batch in self.sampler.batches(epoch)[first:]:
+                yield [(epoch, i) for i in batch]
+            epoch, first = epoch + 1, 0
+
+
+def make_loader(source, batch_size: int, num_frames: int, seed: int, rank: int, world_size: int,
+                start_step: int = 0, num_workers: int = 0) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    """An endless DataLoader of [batch, 1, num_frames, 80] crops starting at global step `start_step`."""
+    sampler = EpochSampler(source.groups, batch_size, seed, rank, world_size)
+    epoch, batch = divmod(start_step, sampler.batches_per_epoch)
+    loader = torch.utils.data.DataLoader(
+        CropDataset(source, num_frames, seed), batch_sampler=_ResumableBatchSampler(sampler, epoch, batch),
+        num_workers=num_workers, persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    return loader, sampler
+
+
+# ------------------------------------------------------------------------------------ writing shards
+def _add_member(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0  # reproducible shards
+    archive.addfile(info, io.BytesIO(payload))
+
+
+def write_shards(folder: str | os.PathLike, out_dir: str | os.PathLike, kind: str = "logmel",
+                 clips_per_shard: int = 1000, min_seconds: float = 0.5, segment_seconds: float | None = 10.0,
+                 progress: bool = True) -> dict:
+    """Write an audio folder as tar shards of log-mels (`logmel`) or 16 kHz mono FLAC (`flac`).
+
+    Files longer than `segment_seconds` are split into consecutive segments of that length (a last
+    piece shorter than `min_seconds` is dropped); each segment is one clip, normalised on its own,
+    as the 10 s AudioSet clips are. Returns a summary (clips, shards, hours, skipped counts).
+    """
+    from tqdm import tqdm
+
+    if kind not in ("logmel", "flac"):
+        raise ValueError(f"kind must be 'logmel' or 'flac', got {kind!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob("*.tar")):
+        raise FileExistsError(f"{out} already holds .tar shards; choose an empty folder")
+    source = AudioFolder(folder, min_seconds=min_seconds, max_clip_seconds=None)
+    log.info(source.describe())
+    shard_number, in_shard, clips, seconds = 0, 0, 0, 0.0
+    archive = None
+    root = Path(folder)
+    try:
+        for path in tqdm(source.files, desc="prepare-shards", unit="file", disable=not progress):
+            try:
+                data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+            except (RuntimeError, sf.LibsndfileError):
+                source.skipped["unreadable"] += 1
+                continue
+            audio = to_16k_mono(data, rate)
+            step = len(audio) if segment_seconds is None else int(segment_seconds * SAMPLE_RATE)
+            pieces = [audio[i:i + step] for i in range(0, len(audio), step)]
+            pieces = [p for p in pieces if len(p) >= min_seconds * SAMPLE_RATE]
+            key_base = str(path.relative_to(root).with_suffix("")).replace(os.sep, "__").replace(".", "_")
+            for number, piece in enumerate(pieces):
+                if archive is None or in_shard == clips_per_shard:
+                    if archive is not None:
+                        archive.close()
+                        shard_number += 1
+                    archive = tarfile.open(out / SHARD_PATTERN.format(shard_number), "w", format=tarfile.PAX_FORMAT)
+                    in_shard = 0
+                key = f"{key_base}__{number:04d}"
+                if kind == "logmel":
+                    buffer = io.BytesIO()
+                    np.save(buffer, _Features.logmel(piece).numpy().astype(np.float16))
+                    _add_member(archive, f"{key}.logmel.npy", buffer.getvalue())
+                else:
+                    buffer = io.BytesIO()
+                    sf.write(buffer, piece.numpy(), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+                    _add_member(archive, f"{key}.flac", buffer.getvalue())
+                in_shard += 1
+                clips += 1
+                seconds += len(piece) / SAMPLE_RATE
+    finally:
+        if archive is not None:
+            archive.close()
+    return {"clips": clips, "shards": shard_number + 1 if clips else 0, "hours": round(seconds / 3600, 3),
+            "skipped": dict(source.skipped), "kind": kind}

@@ -1,0 +1,606 @@
+"""Masked spectrogram pretraining, on one CPU or under `torchrun` on many GPUs.
+
+    hear-msm pretrain --model ssam_tiny --data AUDIO_OR_SHARDS --out RUN [--steps N --batch-size B]
+    torchrun --nproc-per-node=4 -m hear_msm.cli pretrain --model ssam_tiny --data SHARDS --out RUN
+    hear-msm pretrain --out RUN --resume          # continue a stopped or killed run
+    hear-msm plot-loss RUN                        # RUN/loss.png from RUN/log.csv
+
+The recipe (defaults = the official one, Yadav et al. after SSAST): random 2 s crops of per-clip
+normalised log-mel; 50% of the 250 patches masked (`unstructured`, or whole 40 ms columns with
+`timestep`) and replaced by the mask token, the encoder sees all tokens; MSE against the
+normalised patch values over all patches (`masked_only_loss` for the masked ones); AdamW
+betas (0.9, 0.95), weight decay 0.05 except biases, norms, positions and the cls/mask tokens;
+lr = base_lr * batch / 256, linear warm-up then cosine decay; fp16 autocast + GradScaler on CUDA.
+
+DDP is detected from the torchrun environment (WORLD_SIZE > 1): nccl on GPU, gloo on CPU; each
+rank reads its own shards (`_data.EpochSampler`); only rank 0 logs and writes. A run folder holds
+`train_config.json`, `checkpoint.pt` (replaced atomically every `checkpoint_every` steps and at the
+end: model, optimizer, scheduler, scaler, step, RNG states, sampler position), `log.csv` and, when
+finished, `final/` (config.json + model.safetensors, loadable with `hear_msm.load_model`).
+Every random draw (init, crops, order, masks) is a function of (seed, step, rank), so a resumed run
+ends with the same weights as an uninterrupted one on a deterministic device.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CONFIG_NAME = "train_config.json"
+LOG_NAME = "log.csv"
+FINAL_DIR = "final"
+LOG_FIELDS = ["step", "epoch", "loss", "lr", "clips_per_s", "elapsed_s"]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# fields that may differ when resuming: they change how the run is executed, not what it computes
+RUNTIME_FIELDS = ("device", "num_workers", "checkpoint_every", "log_every", "progress", "kernel", "export_dtype")
+
+
+@dataclass
+class TrainConfig:
+    """One pretraining run. Defaults reproduce the official recipe (AudioSet, 4 GPUs x 256)."""
+
+    model: str = "ssast_tiny"
+    model_overrides: dict = field(default_factory=dict)  # builder kwargs, e.g. {"depth": 2}
+    data: str = ""  # audio folder or folder of .tar shards
+    # schedule: `steps` (optimizer steps) wins over `epochs` when > 0; likewise for warm-up
+    batch_size: int = 1024  # global, split evenly over ranks
+    epochs: float = 100.0
+    steps: int = 0
+    warmup_epochs: float = 10.0
+    warmup_steps: int = -1
+    base_lr: float = 1.5e-4  # lr = base_lr * batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 0.0  # max grad norm; 0 = off (official: off)
+    # objective
+    mask_ratio: float = 0.5
+    mask_mode: str = "unstructured"
+    masked_only_loss: bool = False
+    # data
+    num_frames: int = 200
+    min_seconds: float = 0.5
+    max_clip_seconds: float = 10.0
+    seed: int = 0
+    # execution (may change on --resume)
+    precision: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU; bf16 autocast on request
+    device: str = "auto"
+    num_workers: int = 0
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    progress: bool = True
+    kernel: str = "auto"
+    export_dtype: str = "float32"
+
+    def __post_init__(self):
+        from ._encoder import MASKING_MODES
+
+        if self.mask_mode not in MASKING_MODES:
+            raise ValueError(f"mask_mode must be one of {MASKING_MODES}, got {self.mask_mode!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("batch_size, checkpoint_every and log_every must be positive")
+        if self.export_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"export_dtype must be float32, float16 or bfloat16, got {self.export_dtype!r}")
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size / 256
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training config fields {unknown}; accepted: {sorted(names)}")
+        return cls(**data)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the trained (unwrapped) model, on every rank
+    step: int
+    loss: float
+    export_dir: Path | None  # RUN/final on rank 0, None elsewhere
+
+
+# ------------------------------------------------------------------------------------ pieces
+def build_model(config: TrainConfig):
+    from ._registry import model_builder
+
+    return model_builder(config.model)(kernel=config.kernel, **config.model_overrides)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases, norm scales, 1-D params (Mamba's D, xLSTM gates/skips),
+    positions, cls/mask tokens and Mamba's A_log (mamba-ssm's `_no_weight_decay`) are exempt."""
+    exempt_names = ("pos_embed", "cls_token", "mask_token", "A_log")
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in exempt_names \
+            or getattr(param, "_no_weight_decay", False)
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _Objective(nn.Module):
+    """Wraps the model so that DDP's forward (and its gradient hooks) covers the loss."""
+
+    def __init__(self, model, masked_only: bool):
+        super().__init__()
+        self.model, self.masked_only = model, masked_only
+
+    def forward(self, spectrogram: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.reconstruction_loss(spectrogram, mask, masked_only=self.masked_only)
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_name: str) -> tuple[_Dist, torch.device]:
+    """Rank and device from the torchrun environment; process group nccl (GPU) or gloo (CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = _Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device_name == "auto":
+        device_name = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return info, device
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left over when writing failed
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {path}")
+    # our checkpoints hold only tensors and plain Python values: no pickle code is executed
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    generator = torch.Generator()
+    # SeedSequence, not hash(): Python's string hashing differs between processes
+    generator.manual_seed(int(np.random.SeedSequence((seed, step, rank, 0x3A5C)).generate_state(1, np.uint64)[0] >> 1))
+    return generator
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from (the killed tail)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _log(message: str) -> None:
+    print(f"[hear-msm pretrain] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ the loop
+def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> TrainResult:
+    """Run (or resume) pretraining into the run folder `out` (written by rank 0 only).
+
+    Raises TrainingDiverged on a NaN/Inf loss (the last checkpoint stays as it was).
+    """
+    from ._data import make_loader, open_source
+
+    out = Path(out)
+    checkpoint_path = out / CHECKPOINT_NAME
+    state = None
+    if resume:
+        state = load_checkpoint(checkpoint_path)
+        saved = TrainConfig.from_dict(state["config"])
+        changed = [f.name for f in dataclasses.fields(TrainConfig)
+                   if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(config, f.name)]
+        if changed:
+            raise ValueError(
+                f"--resume: {', '.join(f'{n}={getattr(config, n)!r} (run has {getattr(saved, n)!r})' for n in changed)} "
+                "differ from the run being resumed; only execution settings "
+                f"({', '.join(RUNTIME_FIELDS)}) may change"
+            )
+    elif checkpoint_path.exists():
+        raise FileExistsError(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it "
+                              "or choose another --out")
+
+    info, device = _init_distributed(config.device)
+    precision = config.precision
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if config.batch_size % info.world_size:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {info.world_size} ranks")
+    local_batch = config.batch_size // info.world_size
+
+    source = open_source(config.data, config.min_seconds, config.max_clip_seconds)
+    torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    model = build_model(config).to(device)
+    model.train()
+    loss_module = _Objective(model, config.masked_only_loss)
+    if info.world_size > 1:
+        loss_module = nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    start_step = int(state["step"]) if state else 0
+    loader, sampler = make_loader(source, local_batch, config.num_frames, config.seed, info.rank,
+                                  info.world_size, start_step, config.num_workers)
+    steps_per_epoch = sampler.batches_per_epoch
+    total = config.steps if config.steps > 0 else max(1, round(config.epochs * steps_per_epoch))
+    warmup = config.warmup_steps if config.warmup_steps >= 0 else round(config.warmup_epochs * steps_per_epoch)
+    warmup = min(warmup, total)
+
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=(config.beta1, config.beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, total, config.min_lr / config.lr if config.lr else 0.0))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    elapsed_before = 0.0
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+        del state
+
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if resume:
+            _truncate_log(out / LOG_NAME, start_step)
+        _log(source.describe())
+        _log(f"{config.model} on {device} x{info.world_size} ({precision}); batch {config.batch_size} "
+             f"({local_batch}/rank), {steps_per_epoch} steps/epoch, {total} steps ({total / steps_per_epoch:.2f} "
+             f"epochs), warm-up {warmup}, lr {config.lr:.3g}" + (f"; resuming at step {start_step}" if resume else ""))
+
+    def checkpoint(step: int, elapsed: float, last_loss: float) -> None:
+        if not info.main:
+            return
+        epoch, batch = divmod(step, steps_per_epoch)
+        save_checkpoint(checkpoint_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "total_steps": total, "config": config.to_dict(),
+            "rng": _rng_state(), "sampler": {"epoch": epoch, "batch": batch, "steps_per_epoch": steps_per_epoch},
+            "world_size": info.world_size, "elapsed_s": elapsed, "loss": last_loss,
+        })
+
+    log_file = None
+    progress = None
+    if info.main:
+        new_log = not (out / LOG_NAME).is_file()
+        log_file = open(out / LOG_NAME, "a", newline="")
+        writer = csv.DictWriter(log_file, LOG_FIELDS)
+        if new_log:
+            writer.writeheader()
+        if config.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=total, initial=start_step, desc=f"pretrain {config.model}", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    step, last_loss = start_step, float("nan")
+    window_start, window_clips = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    batches = iter(loader)
+    try:
+        while step < total:
+            spectrogram = next(batches).to(device, non_blocking=True)
+            mask = model.sample_mask(spectrogram.shape[0], config.mask_ratio, config.mask_mode,
+                                     generator=_mask_generator(config.seed, step, info.rank)).to(device)
+            with _autocast(device, precision):
+                loss = loss_module(spectrogram, mask)
+            value = loss.detach().float().clone()
+            if info.world_size > 1:
+                dist.all_reduce(value)
+                value /= info.world_size
+            value = value.item()
+            if not math.isfinite(value):
+                where = f"{checkpoint_path} (step {_checkpoint_step(checkpoint_path)})" \
+                    if checkpoint_path.exists() else "none written yet"
+                raise TrainingDiverged(
+                    f"loss is {value} at step {step}: training stopped. Last good checkpoint: {where}. "
+                    "Lower --base-lr, lengthen the warm-up, set --grad-clip, or use --precision fp32, then --resume."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            last_loss = value
+            window_clips += config.batch_size
+            elapsed = elapsed_before + time.perf_counter() - run_start
+            if info.main and (step % config.log_every == 0 or step == total):
+                now = time.perf_counter()
+                rate = window_clips / max(now - window_start, 1e-9)
+                writer.writerow({"step": step, "epoch": f"{step / steps_per_epoch:.4f}", "loss": f"{value:.6f}",
+                                 "lr": f"{scheduler.get_last_lr()[0]:.6g}", "clips_per_s": f"{rate:.2f}",
+                                 "elapsed_s": f"{elapsed:.1f}"})
+                log_file.flush()
+                window_start, window_clips = now, 0
+                if progress is not None:
+                    progress.set_postfix(loss=f"{value:.4f}", clips_s=f"{rate:.1f}", refresh=False)
+            if progress is not None:
+                progress.update(1)
+            if step % config.checkpoint_every == 0 or step == total:
+                checkpoint(step, elapsed, value)
+    finally:
+        if progress is not None:
+            progress.close()
+        if log_file is not None:
+            log_file.close()
+        if info.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    if not info.main:
+        return TrainResult(model, step, last_loss, None)
+    final = export(model, out, config, total, last_loss, elapsed_before + time.perf_counter() - run_start, source)
+    _log(f"done: {total} steps, final loss {last_loss:.4f}, "
+         f"{(elapsed_before + time.perf_counter() - run_start) / 60:.1f} min; weights in {final}")
+    return TrainResult(model, step, last_loss, final)
+
+
+def _checkpoint_step(path: Path) -> int | str:
+    try:
+        return int(load_checkpoint(path)["step"])
+    except Exception:  # noqa: BLE001 - only for the error message
+        return "?"
+
+
+def export(model, out: Path, config: TrainConfig, steps: int, loss: float, seconds: float, source=None) -> Path:
+    """Write RUN/final in the hear_msm weights format (config.json + model.safetensors + card)."""
+    from ._weights import save_pretrained
+
+    dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[config.export_dtype]
+    card = (
+        f"---\nlibrary_name: hear_msm\ntags: [audio, hear, self-supervised, {model.config.family}]\n---\n\n"
+        f"# {model.config.arch} pretrained with hear-msm pretrain\n\n"
+        f"Data: {source.describe() if source is not None else config.data}.\n\n"
+        f"Budget: {steps} steps x batch {config.batch_size} = {steps * config.batch_size} clips of "
+        f"{config.num_frames / 100:.0f} s; wall time {seconds / 60:.1f} min; final training loss {loss:.4f}.\n\n"
+        f"Recipe: mask {config.mask_mode} {config.mask_ratio}, loss over "
+        f"{'masked' if config.masked_only_loss else 'all'} patches, AdamW lr {config.lr:.3g} "
+        f"(base {config.base_lr:g} x {config.batch_size}/256), wd {config.weight_decay}, seed {config.seed}.\n\n"
+        "```python\nimport hear_msm\nmodel = hear_msm.load_model(\"path/to/this/folder\")\n```\n"
+    )
+    target = out / FINAL_DIR
+    (target / "README.md").unlink(missing_ok=True)
+    return save_pretrained(model, target, dtype=dtype, overwrite=True, model_card=card)
+
+
+# ------------------------------------------------------------------------------------ plotting
+def plot_loss(run: str | os.PathLike, output: str | os.PathLike | None = None, title: str | None = None) -> Path:
+    """RUN/log.csv -> PNG of the training loss (raw and smoothed) against step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("plot-loss needs matplotlib: pip install 'hear_msm[plot]'") from None
+    run = Path(run)
+    log_path = run / LOG_NAME if run.is_dir() else run
+    if not log_path.is_file():
+        raise FileNotFoundError(f"no training log at {log_path}")
+    with open(log_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise ValueError(f"{log_path} has no logged steps yet")
+    steps = np.array([int(r["step"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    window = max(1, len(loss) // 20)
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    axis.plot(steps, loss, color="0.75", linewidth=0.8, label="loss")
+    if window > 1:
+        axis.plot(steps[window - 1:], smooth, color="C0", linewidth=1.5, label=f"mean of {window} logs")
+    axis.set_xlabel("step")
+    axis.set_ylabel("reconstruction MSE")
+    axis.set_title(title or run.name)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    output = Path(output) if output else (run if run.is_dir() else run.parent) / "loss.png"
+    figure.savefig(output)
+    plt.close(figure)
+    return output
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _parse_override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"--override expects KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+# CLI flag -> TrainConfig field; every flag defaults to None so --resume can tell what was given
+_FLAGS = {
+    "model": str, "data": str, "batch_size": int, "epochs": float, "steps": int, "warmup_epochs": float,
+    "warmup_steps": int, "base_lr": float, "min_lr": float, "weight_decay": float, "grad_clip": float,
+    "mask_ratio": float, "mask_mode": str, "seed": int, "precision": str, "device": str,
+    "num_workers": int, "checkpoint_every": int, "log_every": int, "kernel": str, "export_dtype": str,
+    "min_seconds": float, "max_clip_seconds": float,
+}
+
+
+def _cmd_pretrain(args) -> int:
+    given = {name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None}
+    if args.masked_only_loss:
+        given["masked_only_loss"] = True
+    if args.no_progress:
+        given["progress"] = False
+    if args.override:
+        given["model_overrides"] = dict(_parse_override(o) for o in args.override)
+    out = Path(args.out)
+    if args.resume:
+        saved = load_checkpoint(out / CHECKPOINT_NAME)["config"]
+        config = TrainConfig.from_dict({**saved, **given})
+    else:
+        missing = [flag for flag in ("model", "data") if flag not in given]
+        if missing:
+            raise ValueError(f"a new run needs {' and '.join('--' + m for m in missing)} (or --resume)")
+        config = TrainConfig.from_dict(given)
+    try:
+        train(config, out, resume=args.resume)
+    except TrainingDiverged as error:
+        print(f"hear-msm pretrain: stopped: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _cmd_prepare_shards(args) -> int:
+    from ._data import write_shards
+
+    summary = write_shards(args.audio_dir, args.out_dir, kind=args.kind, clips_per_shard=args.clips_per_shard,
+                           min_seconds=args.min_seconds, segment_seconds=args.segment_seconds or None)
+    (Path(args.out_dir) / "shards.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {summary['shards']} shard(s) of {summary['kind']} to {args.out_dir}: {summary['clips']} clips, "
+          f"{summary['hours']} h; skipped {summary['skipped']['unreadable']} unreadable, "
+          f"{summary['skipped']['too_short']} too short", file=sys.stderr)
+    return 0
+
+
+def _cmd_plot_loss(args) -> int:
+    print(plot_loss(args.run_dir, args.out, args.title))
+    return 0
+
+
+def register_commands(subparsers) -> None:
+    """Add `pretrain`, `prepare-shards` and `plot-loss` to the `hear-msm` parser."""
+    import hear_msm
+
+    p = subparsers.add_parser("pretrain", help="masked spectrogram pretraining (one CPU, or torchrun for DDP)",
+                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.csv, final/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--model", choices=hear_msm.list_models())
+    p.add_argument("--data", help="folder of audio files (wav/flac/ogg) or of .tar shards")
+    defaults = TrainConfig()
+    helps = {
+        "batch_size": "global batch (split over ranks)", "steps": "optimizer steps (wins over --epochs)",
+        "epochs": "epochs over the data", "warmup_steps": "warm-up steps (wins over --warmup-epochs)",
+        "base_lr": "lr = base_lr * batch / 256", "mask_mode": "unstructured | timestep",
+        "precision": "auto (fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16", "device": "auto | cpu | cuda[:i]",
+        "kernel": "SSAM scan: auto | cuda | reference", "export_dtype": "dtype of final/model.safetensors",
+        "min_seconds": "skip shorter files", "max_clip_seconds": "read longer files as a random segment this long",
+    }
+    for name, kind in _FLAGS.items():
+        if name in ("model", "data"):
+            continue
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=f"{helps.get(name, '')} (default {getattr(defaults, name)})".strip())
+    p.add_argument("--masked-only-loss", action="store_true", help="MSE over masked patches only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log.csv is still written)")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE",
+                   help="architecture field for the model builder, e.g. depth=2 (repeatable)")
+    p.set_defaults(run=_cmd_pretrain)
+
+    p = subparsers.add_parser("prepare-shards", help="audio folder -> webdataset-style tar shards")
+    p.add_argument("audio_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--kind", default="logmel", choices=["logmel", "flac"],
+                   help="logmel: normalised float16 log-mels (fast to train on); flac: 16 kHz mono audio")
+    p.add_argument("--clips-per-shard", type=int, default=1000)
+    p.add_argument("--min-seconds", type=float, default=0.5, help="skip clips shorter than this")
+    p.add_argument("--segment-seconds", type=float, default=10.0, help="split longer files into clips (0: never)")
+    p.set_defaults(run=_cmd_prepare_shards)
+
+    p = subparsers.add_parser("plot-loss", help="draw RUN/log.csv to a PNG (needs hear_msm[plot])")
+    p.add_argument("run_dir", metavar="RUN", help="run folder or its log.csv")
+    p.add_argument("--out", help="PNG path (default RUN/loss.png)")
+    p.add_argument("--title")
+    p.set_defaults(run=_cmd_plot_loss)

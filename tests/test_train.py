@@ -1,0 +1,279 @@
+"""Pretraining: data sources, recipe pieces, DDP, kill + resume, NaN stop, atomic checkpoints, export.
+
+Tiny configs (depth 2, batch 2-4) keep the whole file to about a minute of one CPU thread.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+import hear_msm
+from hear_msm import _data, train as training
+from hear_msm.train import TrainConfig, TrainingDiverged
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"depth": 2}
+
+
+def _tone(seconds: float, rate: int, channels: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = 110 * 2 ** rng.uniform(0, 4)
+    mono = 0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.5 * np.sin(2 * np.pi * rng.uniform(1, 4) * t))
+    mono += 0.02 * rng.standard_normal(len(t))
+    return np.repeat(mono[:, None], channels, axis=1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory) -> Path:
+    """12 usable files (wav/flac/ogg, 8-44.1 kHz, mono/stereo, 0.8-12 s) + 1 corrupt + 1 too short."""
+    root = tmp_path_factory.mktemp("audio")
+    (root / "sub").mkdir()
+    formats = [("wav", 16000, 1), ("flac", 44100, 2), ("ogg", 22050, 1), ("wav", 8000, 2)]
+    for i in range(12):
+        suffix, rate, channels = formats[i % 4]
+        seconds = 12.0 if i == 0 else 0.8 + 0.4 * i
+        folder = root / "sub" if i % 2 else root
+        sf.write(folder / f"clip{i:02d}.{suffix}", _tone(seconds, rate, channels, i), rate)
+    (root / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    sf.write(root / "blip.wav", _tone(0.1, 16000, 1, 99), 16000)
+    return root
+
+
+def _config(data, **changes) -> TrainConfig:
+    base = dict(model="ssast_tiny", model_overrides=dict(TINY), data=str(data), batch_size=4, steps=6,
+                warmup_steps=2, base_lr=0.01, checkpoint_every=3, log_every=1, progress=False, seed=0)
+    return TrainConfig(**{**base, **changes})
+
+
+# ------------------------------------------------------------------------------------ data
+def test_audio_folder_skips_bad_files_and_crops(audio_dir):
+    source = _data.AudioFolder(audio_dir, min_seconds=0.5)
+    assert source.num_items == 12
+    assert source.skipped == {"unreadable": 1, "too_short": 1}
+    assert "skipped 1 unreadable and 1 too short" in source.describe()
+    dataset = _data.CropDataset(source, 200, seed=0)
+    for index in range(source.num_items):
+        crop = dataset[(0, index)]
+        assert crop.shape == (1, 200, 80) and torch.isfinite(crop).all()
+    assert torch.equal(dataset[(0, 0)], dataset[(0, 0)])  # a pure function of (seed, epoch, index)
+    assert not torch.equal(dataset[(0, 0)], dataset[(1, 0)])  # a new random crop each epoch
+
+
+def test_long_files_are_read_as_a_random_segment(audio_dir):
+    rng = np.random.default_rng(0)
+    audio = _data.read_segment(audio_dir / "clip00.wav", 3.0, rng)
+    assert audio.shape == (48000,)
+
+
+def test_shards_round_trip_and_split_by_shard(audio_dir, tmp_path):
+    summary = _data.write_shards(audio_dir, tmp_path / "shards", clips_per_shard=4, segment_seconds=5.0, progress=False)
+    # clip00 (12 s) -> 5 + 5 + 2 s segments; 11 other files; corrupt and too-short skipped
+    assert summary["clips"] == 14 and summary["shards"] == 4
+    assert summary["skipped"] == {"unreadable": 1, "too_short": 1}
+    shards = _data.open_source(tmp_path / "shards")
+    assert isinstance(shards, _data.TarShards) and shards.num_items == 14
+    with tarfile.open(tmp_path / "shards" / "shard-000000.tar") as archive:
+        assert all(m.name.endswith(".logmel.npy") for m in archive.getmembers())
+    logmel = shards.load(0, np.random.default_rng(0))
+    assert logmel.shape[1] == 80 and abs(float(logmel.mean())) < 0.01  # per-clip normalised
+    # two ranks: disjoint shards, equal numbers of batches
+    ranks = [_data.EpochSampler(shards.groups, 2, seed=0, rank=r, world_size=2) for r in range(2)]
+    batches = [s.batches(epoch=0) for s in ranks]
+    assert len(batches[0]) == len(batches[1]) > 0
+    owner = {i: g for g, group in enumerate(shards.groups) for i in group}
+    used = [{owner[i] for b in rank_batches for i in b} for rank_batches in batches]
+    assert not used[0] & used[1]
+    flac = _data.write_shards(audio_dir, tmp_path / "flac", kind="flac", clips_per_shard=100, progress=False)
+    audio_shards = _data.TarShards(tmp_path / "flac")
+    assert flac["clips"] == 13 and audio_shards.load(0, np.random.default_rng(0)).shape[1] == 80
+
+
+# ------------------------------------------------------------------------------------ recipe
+def test_depth_override_reaches_the_builder():
+    model = training.build_model(TrainConfig(model="ssam_tiny", model_overrides={"depth": 2}))
+    assert model.config.depth == 2 and len(model.blocks) == 2
+
+
+def test_weight_decay_groups_and_schedule():
+    model = training.build_model(TrainConfig(model="ssam_tiny", model_overrides=TINY))
+    decay, no_decay = training.parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "mask_token", "blocks.0.mixer.A_log", "blocks.0.mixer.D", "blocks.0.norm.weight",
+            "blocks.0.norm.bias", "pred.0.bias"} <= exempt
+    assert "pos_embed" not in exempt and "pos_embed" not in {names[id(p)] for p in decay["params"]}  # frozen
+    assert {names[id(p)] for p in decay["params"]} >= {"blocks.0.mixer.in_proj.weight", "pred.2.weight"}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    factors = [training.lr_factor(s, 10, 100, 0.0) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[99] < 0.001
+    assert TrainConfig(batch_size=1024).lr == pytest.approx(6e-4)
+
+
+def test_train_exports_weights_loadable_by_load_model(audio_dir, tmp_path):
+    result = training.train(_config(audio_dir, steps=4), tmp_path / "run")
+    final = result.export_dir
+    assert (final / "config.json").is_file() and (final / "README.md").is_file()
+    loaded = hear_msm.load_model(final)
+    assert loaded.config.depth == 2
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert rows[0] == ",".join(training.LOG_FIELDS) and len(rows) == 5
+    with pytest.raises(FileExistsError, match="--resume"):
+        training.train(_config(audio_dir, steps=4), tmp_path / "run")
+
+
+def test_export_loads_through_the_hear_module(audio_dir, tmp_path):
+    import hear_msm.ssast_tiny as module
+
+    config = _config(audio_dir, model_overrides={}, steps=1, batch_size=2, export_dtype="float16")
+    final = training.train(config, tmp_path / "run").export_dir
+    assert load_file(str(final / "model.safetensors"))["mask_token"].dtype == torch.float16
+    model = module.load_model(str(final))
+    scenes = module.get_scene_embeddings(torch.randn(2, 16000) * 0.1, model)
+    assert scenes.shape == (2, model.scene_embedding_size) and torch.isfinite(scenes).all()
+
+
+def test_masked_only_and_timestep_masking_train(audio_dir, tmp_path):
+    config = _config(audio_dir, steps=2, mask_mode="timestep", masked_only_loss=True)
+    assert np.isfinite(training.train(config, tmp_path / "run").loss)
+
+
+def test_plot_loss(audio_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    training.train(_config(audio_dir, steps=3), tmp_path / "run")
+    png = training.plot_loss(tmp_path / "run")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------ robustness
+def test_nan_loss_stops_with_last_good_checkpoint_intact(audio_dir, tmp_path, monkeypatch):
+    real = hear_msm.MaskedSpectrogramModel.reconstruction_loss
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(hear_msm.MaskedSpectrogramModel, "reconstruction_loss", flaky)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*checkpoint.pt \(step 3\)"):
+        training.train(_config(audio_dir, steps=8), run)
+    checkpoint = training.load_checkpoint(run / training.CHECKPOINT_NAME)
+    assert checkpoint["step"] == 3
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    assert not (run / "final").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "log.csv", "train_config.json"]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    training.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def broken_save(payload, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        training.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert training.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hear_msm.cli", "pretrain", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(audio_dir, tmp_path):
+    args = ["--model", "ssast_tiny", "--override", "depth=2", "--data", str(audio_dir), "--steps", "40",
+            "--batch-size", "2", "--warmup-steps", "5", "--base-lr", "0.01", "--checkpoint-every", "4",
+            "--log-every", "1", "--no-progress", "--seed", "3"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli(*args, "--out", str(killed)), env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoint.pt").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step = training.load_checkpoint(killed / "checkpoint.pt")["step"]
+    assert 0 < step < 40 and not (killed / "final").exists()
+
+    resumed = subprocess.run(_cli("--out", str(killed), "--resume", "--no-progress"), env=_env(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {step}" in resumed.stderr
+    straight = subprocess.run(_cli(*args, "--out", str(tmp_path / "straight")), env=_env(),
+                              capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+
+    a = load_file(str(killed / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key}: max |diff| {(a[key] - b[key]).abs().max():.3g}"
+    log_steps = [int(r.split(",")[0]) for r in (killed / "log.csv").read_text().splitlines()[1:]]
+    assert log_steps == list(range(1, 41))  # the killed tail was dropped, no duplicates
+
+    with_other_recipe = subprocess.run(_cli("--out", str(killed), "--resume", "--base-lr", "0.1"), env=_env(),
+                                       capture_output=True, text=True)
+    assert with_other_recipe.returncode == 2 and "base_lr" in with_other_recipe.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, data: str, out: str, result_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    result = training.train(_config(data, steps=4, batch_size=4, device="cpu"), out)
+    torch.save(result.model.state_dict(), Path(result_dir) / f"rank{rank}.pt")
+
+
+def test_two_process_gloo_ddp_ranks_end_identical(audio_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(audio_dir), str(tmp_path / "run"), str(tmp_path)),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    exported = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    initial = training.build_model(_config(audio_dir)).state_dict()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        assert torch.equal(ranks[0][key], exported[key]), key
+    assert not torch.equal(ranks[0]["pred.2.weight"], initial["pred.2.weight"])  # it did train
+    assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 5  # rank 0 alone logged
+
+
+def test_cli_registers_the_training_commands():
+    from hear_msm.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["pretrain", "--out", "x", "--model", "ssam_tiny", "--data", "d", "--override", "depth=2"])
+    assert args.run is training._cmd_pretrain and args.override == ["depth=2"]
+    assert parser.parse_args(["prepare-shards", "a", "b"]).kind == "logmel"
+    assert parser.parse_args(["plot-loss", "run"]).run is training._cmd_plot_loss
