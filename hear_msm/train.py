@@ -45,8 +45,8 @@ LOG_NAME = "log.csv"
 FINAL_DIR = "final"
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "clips_per_s", "elapsed_s"]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# fields that may differ when resuming: they change how the run is executed, not what it computes
-RUNTIME_FIELDS = ("device", "num_workers", "checkpoint_every", "log_every", "progress", "kernel", "export_dtype")
+# fields that may differ when resuming: how the run is executed, and where the (same) data now lives
+RUNTIME_FIELDS = ("data", "device", "num_workers", "checkpoint_every", "log_every", "progress", "kernel", "export_dtype")
 
 
 @dataclass
@@ -393,6 +393,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
             if config.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            lr_used = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -404,7 +405,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
                 now = time.perf_counter()
                 rate = window_clips / max(now - window_start, 1e-9)
                 writer.writerow({"step": step, "epoch": f"{step / steps_per_epoch:.4f}", "loss": f"{value:.6f}",
-                                 "lr": f"{scheduler.get_last_lr()[0]:.6g}", "clips_per_s": f"{rate:.2f}",
+                                 "lr": f"{lr_used:.6g}", "clips_per_s": f"{rate:.2f}",
                                  "elapsed_s": f"{elapsed:.1f}"})
                 log_file.flush()
                 window_start, window_clips = now, 0
