@@ -1,0 +1,182 @@
+"""eval/: the whole driver on a real-audio dev task (GM notes rendered by fluidsynth), its resume
+logic, the report, and the errors for folders that are not HEAR tasks.
+
+The end-to-end test builds gm_pitch-v1-dev with scripts/build_dev_tasks.py (4 programs: 100 clips
+per split; downloads ~90 MB of Debian packages once into the cache), then runs
+`python -m eval.run` for ssast_tiny and axlstm_tiny (random-init weights) with
+`--grid faster --grid-points 1` and 2 seeds: about 1.5 min of CPU on one thread.
+"""
+import csv
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from eval import report  # noqa: E402
+from eval.tasks import PAPER_TASKS, TaskError, resolve_tasks, validate_task  # noqa: E402
+
+HAVE_HEAREVAL = all(importlib.util.find_spec(m) is not None for m in ("heareval", "tensorflow", "pytorch_lightning"))
+needs_heareval = pytest.mark.skipif(
+    not HAVE_HEAREVAL, reason="heareval stack not installed (scripts/install.sh installs it; HEAR_TOOLS=0 skips it)")
+MODELS = ("ssast_tiny", "axlstm_tiny")
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def _run_eval(tasks_dir, out, weights, *extra):
+    cmd = [sys.executable, "-m", "eval.run", "--models", ",".join(MODELS), "--tasks-dir", str(tasks_dir),
+           "--out", str(out), "--seeds", "2", "--grid", "faster", "--grid-points", "1", *extra]
+    for arch, path in weights.items():
+        cmd += ["--weights", f"{arch}={path}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _snapshot(folder):
+    """{relative path: mtime_ns} of every file and symlink under folder."""
+    return {str(p.relative_to(folder)): p.lstat().st_mtime_ns for p in Path(folder).rglob("*")
+            if p.is_file() or p.is_symlink()}
+
+
+@pytest.fixture(scope="module")
+def dev_tasks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dev_tasks")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "build_dev_tasks.py"), "--out", str(out),
+                           "--tasks", "gm_pitch", "--max-programs", "4"],
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    import hear_msm
+    from hear_msm._weights import save_pretrained
+
+    root = tmp_path_factory.mktemp("weights")
+    for arch in MODELS:
+        save_pretrained(hear_msm.create_model(arch), root / arch)
+    return {arch: root / arch for arch in MODELS}
+
+
+def test_dev_task_is_a_valid_hear_task(dev_tasks):
+    task = dev_tasks / "gm_pitch-v1-dev"
+    metadata = validate_task(task)
+    assert metadata["splits"] == ["train", "valid", "test"]
+    assert metadata["evaluation"][0] == "pitch_acc"
+    for split in metadata["splits"]:
+        labels = json.loads((task / f"{split}.json").read_text())
+        assert len(labels) >= 80, (split, len(labels))
+        audio, rate = sf.read(str(task / "16000" / split / next(iter(labels))))
+        assert rate == 16000 and audio.shape == (16000,) and 0.1 < np.abs(audio).max() <= 0.51
+    # soundfont-disjoint splits
+    sources = {split: {name.split("-p")[0] for name in json.loads((task / f"{split}.json").read_text())}
+               for split in metadata["splits"]}
+    assert all(len(s) == 1 for s in sources.values()) and len(set.union(*sources.values())) == 3
+
+
+@needs_heareval
+def test_driver_end_to_end_and_rerun_is_noop(dev_tasks, weights, tmp_path):
+    out = tmp_path / "out"
+    _run_eval(dev_tasks, out, weights, "--tasks", "gm_pitch-v1-dev")
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["model"], r["task"], int(r["seed"])) for r in rows} == {
+        (m, "gm_pitch-v1-dev", s) for m in MODELS for s in (42, 43)}
+    assert all(r["metric"] == "pitch_acc" and math.isfinite(float(r["score"])) and 0 <= float(r["score"]) <= 1
+               for r in rows)
+    table = (out / "results.md").read_text()
+    for model in MODELS:
+        line = next(line for line in table.splitlines() if line.startswith(f"| {model} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")][1:]
+        mean, half = cells[0].split(" ± ")
+        assert math.isfinite(float(mean)) and math.isfinite(float(half)), line
+    assert (out / "results.png").stat().st_size > 1000
+
+    before = _snapshot(out)
+    proc = _run_eval(dev_tasks, out, weights, "--tasks", "gm_pitch-v1-dev")
+    assert "0 step(s) computed, 6 already done" in proc.stdout
+    after = _snapshot(out)
+    changed = {p for p in before if after.get(p) != before[p]} | (set(after) - set(before))
+    assert changed <= {"results.csv", "results.md", "results.png"}, sorted(changed)
+
+
+@needs_heareval
+def test_driver_skips_missing_and_bad_tasks(dev_tasks, weights, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "not_a_task").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "eval.run", "--models", "ssast_tiny", "--tasks-dir", str(tasks),
+                           "--out", str(tmp_path / "out"), "--weights", f"ssast_tiny={weights['ssast_tiny']}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "skipping 10 task(s) with no folder" in proc.stderr and "esc50-v2.0.0-full" in proc.stderr
+    assert "task not_a_task: no task_metadata.json" in proc.stderr
+    assert "no runnable HEAR task" in proc.stderr
+
+
+def _copy_task(dev_tasks, tmp_path):
+    task = tmp_path / "gm_pitch-v1-dev"
+    shutil.copytree(dev_tasks / "gm_pitch-v1-dev", task)
+    return task
+
+
+def test_missing_metadata_is_named(dev_tasks, tmp_path):
+    task = _copy_task(dev_tasks, tmp_path)
+    (task / "task_metadata.json").unlink()
+    with pytest.raises(TaskError, match=r"task gm_pitch-v1-dev: no task_metadata.json"):
+        validate_task(task)
+
+
+def test_wrong_sample_rate_folder_is_named(dev_tasks, tmp_path):
+    task = _copy_task(dev_tasks, tmp_path)
+    (task / "16000").rename(task / "48000")
+    with pytest.raises(TaskError, match=r"task gm_pitch-v1-dev: needs audio at 16000 Hz .*\['48000'\]"):
+        validate_task(task)
+
+
+def test_unequal_clip_lengths_are_named(dev_tasks, tmp_path):
+    task = _copy_task(dev_tasks, tmp_path)
+    clip = next((task / "16000" / "valid").iterdir())
+    sf.write(str(clip), np.zeros(12000, dtype=np.float32), 16000)
+    with pytest.raises(TaskError, match=rf"task gm_pitch-v1-dev: clips of unequal length: valid/{clip.name} "
+                                        r"has 12000 samples"):
+        validate_task(task)
+
+
+def test_resolve_tasks_accepts_abbreviations_and_reports_missing(tmp_path):
+    (tmp_path / "esc50-v2.0.0-full").mkdir()
+    found, missing = resolve_tasks(tmp_path, ["E50", "NS-5h"])
+    assert [p.name for p in found] == ["esc50-v2.0.0-full"] and missing == ["nsynth_pitch-v2.2.3-5h"]
+    assert [t.abbr for t in PAPER_TASKS] == ["BO", "CD", "E50", "LC", "Mri-S", "Mri-T", "NS-5h", "SC-5h",
+                                             "F50K", "VL"]
+
+
+def test_report_interval_and_order(tmp_path):
+    rows = [{"model": m, "task": t, "seed": s, "metric": "top1_acc", "score": v}
+            for m, base in (("a", 0.5), ("b", 0.7))
+            for t in ("esc50-v2.0.0-full", "beijing_opera-v1.0-hear2021-full")
+            for s, v in zip((42, 43, 44), (base - 0.01, base, base + 0.01))]
+    summary = report.write(tmp_path, rows, ["a", "b"])
+    mean, half = summary["cells"][("a", "esc50-v2.0.0-full")]
+    assert mean == pytest.approx(0.5) and half == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-5)
+    header = (tmp_path / "results.md").read_text().splitlines()[0]
+    assert header == "| Model | BO | E50 | Overall | s(m) |"
+    assert summary["normalised"] == {"a": 0.0, "b": 100.0}
