@@ -14,6 +14,23 @@ Layouts:
               output frame then mixes 5 time steps of one band, so time order is scrambled.
               Their chunking (always a padded tail chunk) and evenly spread timestamps are
               reproduced too. Use it only to reproduce the published numbers.
+
+Sequence modes (recurrent encoders, SSAM and AxLSTM, with the "time" layout):
+  "chunked"   (default) every 2 s chunk is encoded on its own, as in pretraining and the authors'
+              wrapper.
+  "full"      the whole clip is ONE token sequence (CLS first, then 5 tokens per 40 ms), so every
+              token sees all the audio before it (SSAM) or all of it (AxLSTM). It runs layer by
+              layer over segments of `segment_tokens` tokens, carrying each block's recurrent
+              state (conv inputs + SSM state; conv inputs + mLSTM memory, the reversed blocks
+              walking the segments back to front): time and memory grow linearly with the clip,
+              and peak memory is two [tokens, D] activations plus one segment's intermediates
+              (about 1.2 GB for an hour with a tiny model).
+              Positions: the checkpoints store a 2-D sin-cos table for 50 time steps. When it
+              equals the analytic formula (`sincos_2d_position_table`, true for every checkpoint
+              trained by hear_msm or the authors' code, where it is computed, never learned) the
+              table is computed for any number of time steps, so positions keep the meaning
+              they had in training (t * 40 ms); otherwise (or with positions="tile") the stored
+              50 columns repeat every 2 s, which is what chunked mode sees.
 """
 from __future__ import annotations
 
@@ -25,10 +42,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._encoder import SpectrogramEncoder
+from ._encoder import SpectrogramEncoder, sincos_2d_position_table
 from ._frontend import HOP_SAMPLES, SAMPLE_RATE, LogMelFrontend
 
 LAYOUTS = ("time", "official")
+SEQUENCES = ("chunked", "full")
+POSITIONS = ("auto", "extend", "tile")
 
 
 class HearModel(nn.Module):
@@ -37,16 +56,34 @@ class HearModel(nn.Module):
     sample_rate = SAMPLE_RATE
 
     def __init__(self, encoder: SpectrogramEncoder, layout: str = "time", max_batch_chunks: int = 32,
-                 weights: str = ""):
+                 weights: str = "", sequence: str = "chunked", segment_tokens: int = 8192,
+                 positions: str = "auto"):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if sequence not in SEQUENCES:
+            raise ValueError(f"sequence must be one of {SEQUENCES}, got {sequence!r}")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        if sequence == "full":
+            if layout != "time":
+                raise ValueError("sequence='full' needs layout='time' (the official layout is defined per 2 s chunk)")
+            if not all(hasattr(block, "forward_stream") for block in encoder.blocks):
+                raise ValueError(
+                    f"sequence='full' is for the recurrent encoders (ssam_*, axlstm_*); "
+                    f"{encoder.config.arch} has attention blocks, use sequence='chunked'"
+                )
+        if int(segment_tokens) < 1:
+            raise ValueError(f"segment_tokens must be a positive integer, got {segment_tokens!r}")
         if int(max_batch_chunks) < 1:
             raise ValueError(f"max_batch_chunks must be a positive integer, got {max_batch_chunks!r}")
         self.encoder = encoder.eval()
         self.frontend = LogMelFrontend(encoder.config.num_mels)
         self.layout = layout
         self.max_batch_chunks = int(max_batch_chunks)
+        self.sequence = sequence
+        self.segment_tokens = int(segment_tokens)
+        self.positions = positions
         self.weights = weights  # where the weights came from, for provenance
         cfg = encoder.config
         self.scene_embedding_size = int(cfg.frame_embedding_size)
@@ -73,6 +110,8 @@ class HearModel(nn.Module):
             return chunks, chunks * self.columns_per_chunk - trimmed
         # one column per 40 ms, rounding so that every timestamp lies inside the clip
         columns = (num_samples + self.column_samples // 2) // self.column_samples
+        if self.sequence == "full":
+            return 1, columns
         return math.ceil(columns / self.columns_per_chunk), columns
 
     def timestamps(self, num_clips: int, num_samples: int) -> torch.Tensor:
@@ -88,7 +127,11 @@ class HearModel(nn.Module):
 
     # ----------------------------------------------------------------------------- encoding
     def _chunk_embeddings(self, audio: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (clip_index [k], chunk_embeddings [k, 50, 5*D]) over all chunks in batches."""
+        """Yield (clip_index [k], chunk_embeddings [k, 50, 5*D]) over all chunks in batches
+        (full-sequence mode: one item per clip group, [k, columns, 5*D])."""
+        if self.sequence == "full":
+            yield from self._full_embeddings(audio)
+            return
         num_clips, num_samples = audio.shape
         chunks, _ = self.plan(num_samples)
         region = chunks * self.chunk_frames
@@ -106,6 +149,23 @@ class HearModel(nn.Module):
             for start in range(0, chunk_batch.shape[0], self.max_batch_chunks):
                 tokens = self.encoder.forward_features(chunk_batch[start:start + self.max_batch_chunks])  # [k, N, D]
                 yield clip_index[start:start + self.max_batch_chunks], self._columns(tokens)
+
+    def _full_embeddings(self, audio: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Whole clips as one sequence each; clips grouped while their tokens fit the chunk budget."""
+        num_clips, num_samples = audio.shape
+        _, columns = self.plan(num_samples)
+        grid_freq = self.encoder.config.grid_freq
+        group = max(1, self.max_batch_chunks * self.encoder.config.num_patches // (columns * grid_freq))
+        device = next(self.encoder.parameters()).device
+        for clip_start in range(0, num_clips, group):
+            clips = audio[clip_start:clip_start + group].to(device)
+            features = self.frontend.to(device)(clips)  # [c, frames, mels]
+            region = columns * self.column_frames
+            if features.shape[1] < region:
+                features = torch.nn.functional.pad(features, (0, 0, 0, region - features.shape[1]))
+            tokens = encode_full_sequence(self.encoder, features[:, None, :region], self.segment_tokens,
+                                          self.positions)  # [c, columns * 5, D]
+            yield torch.arange(clip_start, clip_start + clips.shape[0]), tokens.reshape(clips.shape[0], columns, -1)
 
     def _columns(self, tokens: torch.Tensor) -> torch.Tensor:
         """Patch tokens [k, T*F, D] (time-major) -> frame embeddings [k, T, F*D]."""
@@ -151,6 +211,54 @@ class HearModel(nn.Module):
         return (sums / count).float().to(device)
 
 
+def position_table(encoder: SpectrogramEncoder, grid_time: int, positions: str = "auto") -> torch.Tensor:
+    """Positions [1 + grid_time * grid_freq, D] for a sequence of `grid_time` token columns.
+
+    "extend": the analytic 2-D sin-cos table for any length; "tile": the stored 50-column table
+    repeated every 2 s; "auto": "extend" when the stored table is the analytic one, else "tile".
+    """
+    cfg = encoder.config
+    stored = encoder.pos_embed[0].detach()  # [1 + 50 * 5, D]
+    if positions == "auto":
+        analytic = sincos_2d_position_table(cfg.embed_dim, cfg.grid_time, cfg.grid_freq).to(stored)
+        positions = "extend" if torch.allclose(stored, analytic, atol=1e-5, rtol=0) else "tile"
+    if positions == "extend":
+        return sincos_2d_position_table(cfg.embed_dim, grid_time, cfg.grid_freq).to(stored)
+    columns = torch.arange(grid_time, device=stored.device) % cfg.grid_time
+    rows = (columns[:, None] * cfg.grid_freq + torch.arange(cfg.grid_freq, device=stored.device)).flatten()
+    return torch.cat([stored[:1], stored[1 + rows]])
+
+
+@torch.no_grad()
+def encode_full_sequence(encoder: SpectrogramEncoder, spectrogram: torch.Tensor, segment_tokens: int = 8192,
+                         positions: str = "auto") -> torch.Tensor:
+    """Normalised log-mel [B, 1, T, F] with T any multiple of 4 frames -> tokens [B, T/4 * 5, D].
+
+    One sequence per clip (CLS first), block by block over segments of `segment_tokens` tokens
+    with each block's recurrent state carried between segments (reversed blocks walk the
+    segments back to front). Needs blocks with `forward_stream` (SSAM, AxLSTM).
+    """
+    cfg = encoder.config
+    if spectrogram.shape[2] % cfg.patch_frames or spectrogram.shape[3] != cfg.num_mels:
+        raise ValueError(f"spectrogram must be [B, 1, 4k frames, {cfg.num_mels}], got {tuple(spectrogram.shape)}")
+    patches = encoder.patch_embed(spectrogram)  # [B, T/4 * 5, D], time-major
+    table = position_table(encoder, spectrogram.shape[2] // cfg.patch_frames, positions)
+    cls = (encoder.cls_token + table[:1]).expand(patches.shape[0], -1, -1)
+    x = torch.cat([cls, patches + table[1:]], dim=1)
+    del patches
+    length = x.shape[1]
+    bounds = [(start, min(start + segment_tokens, length)) for start in range(0, length, segment_tokens)]
+    for block in encoder.blocks:
+        out = torch.empty_like(x)
+        state = None
+        for start, stop in reversed(bounds) if getattr(block, "reverse", False) else bounds:
+            out[:, start:stop], state = block.forward_stream(x[:, start:stop], state)
+        x = out
+    for start, stop in bounds:
+        x[:, start:stop] = encoder.encoder_norm(x[:, start:stop])
+    return x[:, 1:]
+
+
 def validate_audio(audio, min_samples: int) -> torch.Tensor:
     """Check HEAR input and return it as a float32 tensor [n, samples]; ValueError otherwise."""
     if isinstance(audio, np.ndarray):
@@ -182,7 +290,8 @@ def validate_audio(audio, min_samples: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ HEAR API
 def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", max_batch_chunks: int = 32,
-                    kernel: str = "auto", device: str | torch.device | None = None) -> HearModel:
+                    kernel: str = "auto", device: str | torch.device | None = None,
+                    sequence: str = "chunked", segment_tokens: int = 8192, positions: str = "auto") -> HearModel:
     """The HEAR `load_model` of every `hear_msm.<arch>` module.
 
     model_file_path: "" for the architecture's default weights, or any weight source
@@ -190,12 +299,18 @@ def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", 
         "hf://org/repo@rev", "arch.tag"). The weights must be for `arch`.
     layout: "time" (correct time order, default) or "official" (the authors' scrambled frame
         layout, only to reproduce published numbers); see this module's docstring.
-    max_batch_chunks: how many 2 s chunks go through the encoder at once (bounds memory).
+    max_batch_chunks: how many 2 s chunks go through the encoder at once (bounds memory; in full
+        mode, clips are grouped while their tokens fit this many chunks).
+    sequence: "chunked" (default, 2 s chunks as in pretraining) or "full" (SSAM/AxLSTM only: the
+        whole clip as one sequence, linear time and memory); see this module's docstring.
+    segment_tokens: full mode only, tokens per segment (5 per 40 ms); bounds working memory.
+    positions: full mode only, "auto" | "extend" | "tile" (see `position_table`).
     """
     from . import create_model
 
     model = create_model(arch, pretrained=os.fspath(model_file_path) or True, kernel=kernel)
-    runtime = HearModel(model, layout=layout, max_batch_chunks=max_batch_chunks, weights=model.weights_source)
+    runtime = HearModel(model, layout=layout, max_batch_chunks=max_batch_chunks, weights=model.weights_source,
+                        sequence=sequence, segment_tokens=segment_tokens, positions=positions)
     return runtime.to(device) if device is not None else runtime
 
 

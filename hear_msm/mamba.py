@@ -8,6 +8,8 @@ The mixer is plain PyTorch with mamba-ssm's parameter names (`A_log`, `D`, `in_p
 `x_proj`, `dt_proj`, `out_proj`). On CUDA, when mamba-ssm is installed (`hear_msm[cuda]`), the
 selective scan runs in its fused kernel instead; both paths take the same inputs. mamba-ssm is
 never imported on a machine without CUDA (its import needs Triton and the CUDA extension).
+On CPU, inference (no gradient) uses a small compiled C scan (`_cpu_scan.py`, built on first use
+with the system compiler, ~10x faster than the PyTorch reference; see benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch import nn
 from ._encoder import EncoderConfig, MaskedSpectrogramModel
 from ._registry import register_family, register_model
 
-KERNELS = ("auto", "cuda", "reference")
+KERNELS = ("auto", "cuda", "cpu", "reference")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +64,17 @@ def selective_scan_reference(u, delta, A, B, C, D):
     return torch.stack(outputs, dim=1) + u * D
 
 
+def selective_scan_with_state(u, delta, A, B, C, D, state=None):
+    """The sequential scan with a carried state (for streaming where the compiled scan is absent):
+    same contract as `selective_scan_cpu` -> (y [batch, L, E], final state [batch, E, N])."""
+    state = u.new_zeros(u.shape[0], u.shape[2], A.shape[1]) if state is None else state
+    outputs = []
+    for delta_t, u_t, b_t, c_t in zip(delta.unbind(1), u.unbind(1), B.unbind(1), C.unbind(1)):
+        state = torch.exp(delta_t.unsqueeze(-1) * A) * state + (delta_t * u_t).unsqueeze(-1) * b_t.unsqueeze(1)
+        outputs.append(torch.bmm(state, c_t.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(outputs, dim=1) + u * D, state
+
+
 def _load_cuda_scan() -> Callable | None:
     """mamba-ssm's fused `selective_scan_fn`, or None where it cannot run."""
     if not torch.cuda.is_available():
@@ -74,14 +87,14 @@ def _load_cuda_scan() -> Callable | None:
 
 
 def use_cuda_kernel(kernel: str, tensor_is_cuda: bool, kernel_loader: Callable = _load_cuda_scan) -> bool:
-    """The dispatch decision: fused CUDA scan or the PyTorch reference.
+    """The dispatch decision: fused CUDA scan or not (then `use_cpu_kernel` decides).
 
     `auto` takes the kernel when the tensor is on CUDA and mamba-ssm imports; `cuda` demands it
-    (clear error otherwise); `reference` always uses PyTorch.
+    (clear error otherwise); `cpu` and `reference` never use it.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "reference" or (kernel == "auto" and not tensor_is_cuda):
+    if kernel in ("reference", "cpu") or (kernel == "auto" and not tensor_is_cuda):
         return False
     available = kernel_loader() is not None
     if kernel == "cuda" and not (tensor_is_cuda and available):
@@ -89,6 +102,28 @@ def use_cuda_kernel(kernel: str, tensor_is_cuda: bool, kernel_loader: Callable =
             "kernel='cuda' needs the input on a CUDA device and mamba-ssm installed "
             "(pip install 'hear_msm[cuda]'); use kernel='auto' or 'reference' on CPU"
         )
+    return available
+
+
+def use_cpu_kernel(kernel: str, tensor_is_cuda: bool, needs_grad: bool, kernel_loader: Callable | None = None) -> bool:
+    """Compiled CPU scan (forward only) or the PyTorch reference, for tensors not on CUDA.
+
+    `auto` takes it for CPU tensors when no gradient is needed and it builds; `cpu` demands it
+    (clear error when on CUDA, when gradients are needed, or when it cannot be built).
+    """
+    if kernel not in ("auto", "cpu") or tensor_is_cuda or (needs_grad and kernel == "auto"):
+        if kernel == "cpu" and tensor_is_cuda:
+            raise ValueError("kernel='cpu' needs CPU tensors; use kernel='auto' or 'cuda' on a GPU")
+        return False
+    if needs_grad:
+        raise ValueError("kernel='cpu' is forward-only (inference); use kernel='auto' or 'reference' "
+                         "to train, or run under torch.no_grad()")
+    if kernel_loader is None:
+        from ._cpu_scan import load_library as kernel_loader
+    available = kernel_loader() is not None
+    if kernel == "cpu" and not available:
+        raise ValueError("kernel='cpu' needs a C compiler (cc/gcc) to build the CPU scan on first use; "
+                         "use kernel='auto' or 'reference'")
     return available
 
 
@@ -111,20 +146,54 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(inner, dim, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._mix(hidden, None)[0]
+
+    def forward_stream(self, hidden: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
+        """One segment of a longer sequence: [B, L, D] and the state left by the previous segment
+        (None at the start) -> ([B, L, D], state). Segments chained this way give the same output
+        as one forward over their concatenation. state = (conv inputs [B, E, d_conv - 1], ssm [B, E, N])."""
+        with torch.no_grad():
+            return self._mix(hidden, state if state is not None else ())
+
+    def _mix(self, hidden: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple | None]:
         length = hidden.shape[1]
         rank, n = self.config.resolved_dt_rank, self.config.d_state
         u, gate = self.in_proj(hidden).chunk(2, dim=-1)  # [B, L, E] each
-        # depthwise causal conv: pad both sides by d_conv - 1, keep the first L outputs
-        u = F.silu(self.conv1d(u.transpose(1, 2))[..., :length]).transpose(1, 2)
+        ssm_state = new_state = None
+        if state is None:
+            # depthwise causal conv: pad both sides by d_conv - 1, keep the first L outputs
+            u = F.silu(self.conv1d(u.transpose(1, 2))[..., :length]).transpose(1, 2)
+            if not hidden.is_cuda:
+                u = u.contiguous()  # one copy here instead of one in x_proj and one in the CPU scan
+        else:
+            conv_in = u.transpose(1, 2)  # [B, E, L]
+            tail = state[0] if state else conv_in.new_zeros(*conv_in.shape[:2], self.config.d_conv - 1)
+            conv_in = torch.cat([tail, conv_in], dim=2)  # the previous segment's last d_conv - 1 inputs
+            new_tail = conv_in[..., conv_in.shape[2] - (self.config.d_conv - 1):]
+            u = F.silu(F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=conv_in.shape[1]))
+            u = u.transpose(1, 2).contiguous()
+            ssm_state = state[1] if state else None
         dt, B, C = self.x_proj(u).split([rank, n, n], dim=-1)
         A = -torch.exp(self.A_log.float())
-        if use_cuda_kernel(self.kernel, hidden.is_cuda):
+        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or self.A_log.requires_grad)
+        if state is None and use_cuda_kernel(self.kernel, hidden.is_cuda):
             y = self._cuda_scan(u, dt, A, B, C, gate)
+            return self.out_proj(y), None
+        delta = F.softplus(self.dt_proj(dt).float())
+        if state is not None or use_cpu_kernel(self.kernel, hidden.is_cuda, needs_grad):
+            from ._cpu_scan import selective_scan_cpu, load_library
+
+            if load_library() is not None and not hidden.is_cuda:
+                y, ssm_state = selective_scan_cpu(u, delta, A, B, C, self.D, ssm_state)
+            else:
+                y, ssm_state = selective_scan_with_state(u.float(), delta, A, B.float(), C.float(), self.D.float(), ssm_state)
+            y = y.to(hidden.device)
         else:
-            delta = F.softplus(self.dt_proj(dt).float())
             y = selective_scan_reference(u.float(), delta, A, B.float(), C.float(), self.D.float())
-            y = (y * F.silu(gate.float())).to(hidden.dtype)
-        return self.out_proj(y)
+        y = (y * F.silu(gate.float())).to(hidden.dtype)
+        if state is not None:
+            new_state = (new_tail, ssm_state)
+        return self.out_proj(y), new_state
 
     def _cuda_scan(self, u, dt, A, B, C, gate):
         scan = _load_cuda_scan()
@@ -166,6 +235,11 @@ class MambaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mixer(self.norm(x))
+
+    def forward_stream(self, x: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
+        """One segment with the mixer's carried state (see `MambaMixer.forward_stream`)."""
+        out, state = self.mixer.forward_stream(self.norm(x), state)
+        return x + out, state
 
 
 def build_mamba(config: MambaConfig, kernel: str = "auto") -> MaskedSpectrogramModel:

@@ -9,10 +9,17 @@ The mLSTM layer itself is the `xlstm` package's `mLSTMLayer` (expansion 2, block
 q/k/v projections, 4 heads, causal conv of width 4, learnable skip), whose parameter names are
 the authors' checkpoint names. This file adds the block around it: a weight-only LayerNorm that
 scales by (1 + weight) and the direction flip.
+
+xlstm's mLSTM runs in its parallel form: an S x S gate matrix, quadratic in length, fine for the
+251 tokens of a 2 s chunk. For long sequences (HEAR full-sequence mode) `mlstm_chunkwise` gives
+the same function in time and memory linear in S: exact attention inside chunks of 64 tokens, a
+carried matrix memory (C, n, m) between them. Its stabiliser m equals the parallel form's
+row-wise maximum, so the two agree to float rounding (tests/test_speed_paths.py).
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +69,92 @@ class ResidualGainLayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), weight=1.0 + self.weight, eps=self.eps)
 
 
+def mlstm_chunkwise(queries, keys, values, igate_preact, fgate_preact, state=None, chunk_size: int = 64,
+                    eps: float = 1e-6, **unused):
+    """mLSTM cell, chunkwise form: the function of xlstm's `parallel_stabilized_simple`, linear in S.
+
+    queries, keys, values: [B, NH, S, DH]; igate_preact, fgate_preact: [B, NH, S, 1];
+    state: None or (C [B, NH, DH, DH], n [B, NH, DH], m [B, NH]) from a previous segment, with C
+    and n stored divided by exp(m). Returns h [B, NH, S, DH], or (h, state) when `state` is given
+    (pass `state=()` to start a carried sequence).
+    """
+    batch, heads, length, dim = queries.shape
+    carry = state is not None
+    keys = keys / math.sqrt(dim)
+    log_f = F.logsigmoid(fgate_preact.squeeze(-1))  # [B, NH, S]
+    igate = igate_preact.squeeze(-1)
+    if state:
+        c_mem, n_mem, m_mem = state
+    else:
+        c_mem = queries.new_zeros(batch, heads, dim, dim)
+        n_mem = queries.new_zeros(batch, heads, dim)
+        m_mem = queries.new_full((batch, heads), -math.inf)
+    outputs = []
+    for start in range(0, length, chunk_size):
+        stop = min(start + chunk_size, length)
+        q, k, v = queries[:, :, start:stop], keys[:, :, start:stop], values[:, :, start:stop]
+        cum = torch.cumsum(log_f[:, :, start:stop], dim=-1)  # [B, NH, T] forget sum since chunk start
+        size = stop - start
+        causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+        # log weight of token j for row i: sum of log f over (j, i] + i_j; of the memory: cum_i + m
+        log_d = (cum[..., :, None] - cum[..., None, :] + igate[:, :, None, start:stop]).masked_fill(~causal, -math.inf)
+        log_mem = cum + m_mem[..., None]  # [B, NH, T]
+        m_row = torch.maximum(log_d.amax(dim=-1), log_mem)  # = the parallel form's row max
+        d_mat = torch.exp(log_d - m_row[..., None])
+        mem_scale = torch.exp(log_mem - m_row)[..., None]  # [B, NH, T, 1]
+        scores = (q @ k.transpose(-2, -1)) * d_mat  # [B, NH, T, T]
+        numerator = scores @ v + mem_scale * (q @ c_mem)
+        normaliser = scores.sum(dim=-1, keepdim=True) + mem_scale * (q @ n_mem[..., None])
+        normaliser = torch.maximum(normaliser.abs(), torch.exp(-m_row)[..., None])
+        outputs.append(numerator / (normaliser + eps))
+        # memory at the chunk end, stabilised by its own maximum
+        log_w = cum[..., -1:] - cum + igate[:, :, start:stop]  # [B, NH, T]
+        m_new = torch.maximum(cum[..., -1] + m_mem, log_w.amax(dim=-1))
+        decay = torch.exp(cum[..., -1] + m_mem - m_new)[..., None]  # [B, NH, 1]
+        weights = torch.exp(log_w - m_new[..., None])[..., None]  # [B, NH, T, 1]
+        c_mem = decay[..., None] * c_mem + (k * weights).transpose(-2, -1) @ v
+        n_mem = decay * n_mem + (k * weights).sum(dim=-2)
+        m_mem = m_new
+    h = torch.cat(outputs, dim=2) if outputs else queries.new_zeros(batch, heads, 0, dim)
+    return (h, (c_mem, n_mem, m_mem)) if carry else h
+
+
+def mlstm_layer_stream(layer: nn.Module, x: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
+    """xlstm's `mLSTMLayer.forward` on one segment [B, L, D] with a carried (conv, memory) state.
+
+    The same computation as the layer's forward, with the chunkwise cell and the causal conv fed
+    the previous segment's last inputs; state None starts a sequence.
+    """
+    conv_state, cell_state = state if state is not None else (None, ())
+    cfg = layer.config
+    x_mlstm, z = torch.split(layer.proj_up(x), cfg._inner_embedding_dim, dim=-1)
+    x_conv, conv_state = _causal_conv_stream(layer.conv1d, x_mlstm, conv_state)
+    x_conv = layer.conv_act_fn(x_conv)
+    q, k, v = layer.q_proj(x_conv), layer.k_proj(x_conv), layer.v_proj(x_mlstm)
+    cell = layer.mlstm_cell
+    b, length, _ = q.shape
+    gate_input = torch.cat([q, k, v], dim=-1)
+    heads = cell.config.num_heads
+    q, k, v = (t.view(b, length, heads, -1).transpose(1, 2) for t in (q, k, v))
+    igate = cell.igate(gate_input).transpose(-1, -2).unsqueeze(-1)
+    fgate = cell.fgate(gate_input).transpose(-1, -2).unsqueeze(-1)
+    h, cell_state = mlstm_chunkwise(q, k, v, igate, fgate, state=cell_state)
+    h = cell.outnorm(h).transpose(1, 2).reshape(b, length, -1)
+    h = (h + layer.learnable_skip * x_conv) * layer.ogate_act_fn(z)
+    return layer.proj_down(h), (conv_state, cell_state)
+
+
+def _causal_conv_stream(conv: nn.Module, x: torch.Tensor, tail: torch.Tensor | None):
+    """xlstm's CausalConv1d on [B, L, F] continuing from `tail` (the last k - 1 inputs, or None)."""
+    weight, bias = conv.conv.weight, conv.conv.bias
+    pad = weight.shape[-1] - 1
+    inputs = x.transpose(1, 2)  # [B, F, L]
+    tail = inputs.new_zeros(*inputs.shape[:2], pad) if tail is None else tail
+    inputs = torch.cat([tail, inputs], dim=2)
+    out = F.conv1d(inputs, weight, bias, groups=inputs.shape[1])
+    return out.transpose(1, 2), inputs[..., inputs.shape[2] - pad:]
+
+
 class XLSTMBlock(nn.Module):
     """x + mLSTM(norm(x)), read forward (`reverse=False`) or back to front."""
 
@@ -87,6 +180,17 @@ class XLSTMBlock(nn.Module):
         if self.reverse:
             return x + self.layer(h.flip(1)).flip(1)
         return x + self.layer(h)
+
+    @torch.no_grad()
+    def forward_stream(self, x: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
+        """One segment in this block's reading order: for a reversed block the caller passes the
+        segments last to first (each still in time order), carrying `state` (None at the start)."""
+        h = self.norm(x)
+        if self.reverse:
+            out, state = mlstm_layer_stream(self.layer, h.flip(1), state)
+            return x + out.flip(1), state
+        out, state = mlstm_layer_stream(self.layer, h, state)
+        return x + out, state
 
 
 def build_xlstm(config: XLSTMConfig, **runtime_options) -> MaskedSpectrogramModel:

@@ -1,0 +1,276 @@
+"""Parity of the fast paths with their references: the compiled CPU selective scan, the chunkwise
+mLSTM, segment streaming with carried state, and the HEAR full-sequence mode.
+
+Tolerances are relative (max |diff| / max |reference|) in float32, 1e-5 as in the issue; the
+printed numbers show how far below it each path is.
+"""
+import pytest
+import torch
+from xlstm.blocks.mlstm.backends import parallel_stabilized_simple
+
+import hear_msm
+from hear_msm import _cpu_scan
+from hear_msm._encoder import sincos_2d_position_table
+from hear_msm._hear import HearModel, position_table
+from hear_msm.mamba import MambaConfig, MambaMixer, selective_scan_reference, set_kernel, use_cpu_kernel
+from hear_msm.xlstm import mlstm_chunkwise
+
+TOLERANCE = 1e-5
+
+needs_compiler = pytest.mark.skipif(_cpu_scan.load_library() is None, reason="no C compiler to build the CPU scan")
+
+
+def _relative(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def _scan_inputs(batch, length, inner, nstate, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, length, inner, generator=gen)
+    # softplus(dt) with dt around the initialised range, plus a few large steps (exp(-87) clamp)
+    delta = torch.nn.functional.softplus(torch.randn(batch, length, inner, generator=gen) * 2 - 3)
+    delta[0, length // 2, : inner // 2] = 30.0
+    A = -torch.exp(torch.randn(inner, nstate, generator=gen))
+    B, C = torch.randn(batch, length, nstate, generator=gen), torch.randn(batch, length, nstate, generator=gen)
+    D = torch.randn(inner, generator=gen)
+    return u, delta, A, B, C, D
+
+
+# ----------------------------------------------------------------------------- compiled scan
+@needs_compiler
+@pytest.mark.parametrize("shape", [(1, 251, 576, 24), (3, 37, 96, 16), (2, 50, 130, 7)])
+def test_cpu_scan_matches_reference(shape):
+    inputs = _scan_inputs(*shape)
+    expected = selective_scan_reference(*inputs)
+    actual, state = _cpu_scan.selective_scan_cpu(*inputs)
+    diff = _relative(actual, expected)
+    print(shape, "compiled scan vs reference, relative", diff)
+    assert diff <= TOLERANCE
+    assert state.shape == (shape[0], shape[2], shape[3])
+
+
+@needs_compiler
+def test_cpu_scan_carries_state_across_segments():
+    u, delta, A, B, C, D = _scan_inputs(2, 90, 64, 24)
+    whole, final = _cpu_scan.selective_scan_cpu(u, delta, A, B, C, D)
+    state, pieces = None, []
+    for start, stop in [(0, 1), (1, 40), (40, 90)]:
+        piece, state = _cpu_scan.selective_scan_cpu(u[:, start:stop], delta[:, start:stop], A,
+                                                    B[:, start:stop], C[:, start:stop], D, state)
+        pieces.append(piece)
+    assert torch.equal(torch.cat(pieces, dim=1), whole)
+    assert torch.equal(state, final)
+
+
+@needs_compiler
+def test_cpu_scan_threads_split_channels_exactly(monkeypatch):
+    inputs = _scan_inputs(2, 64, 576, 24)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one, _ = _cpu_scan.selective_scan_cpu(*inputs)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    three, _ = _cpu_scan.selective_scan_cpu(*inputs)
+    assert torch.equal(one, three)
+
+
+def _mixer(seed=0):
+    torch.manual_seed(seed)
+    mixer = MambaMixer(MambaConfig(arch="t", embed_dim=64), kernel="auto")
+    mixer.reset_parameters(depth=2)
+    return mixer
+
+
+@needs_compiler
+def test_mixer_auto_uses_compiled_scan_for_inference_only(monkeypatch):
+    mixer = _mixer()
+    x = torch.randn(2, 251, 64)
+    with torch.no_grad():
+        fast = mixer(x)
+        set_kernel(mixer, "reference")
+        reference = mixer(x)
+        set_kernel(mixer, "auto")
+    diff = _relative(fast, reference)
+    print("mixer auto (compiled) vs reference, relative", diff)
+    assert diff <= TOLERANCE
+    # with gradients, auto takes the reference: outputs and gradients are the reference's exactly
+    calls = []
+    monkeypatch.setattr(_cpu_scan, "selective_scan_cpu", lambda *a, **k: calls.append(1))
+    xg = x.clone().requires_grad_(True)
+    out = mixer(xg)
+    out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in mixer.named_parameters()}
+    mixer.zero_grad()
+    set_kernel(mixer, "reference")
+    xr = x.clone().requires_grad_(True)
+    out_ref = mixer(xr)
+    out_ref.square().sum().backward()
+    assert not calls
+    assert torch.equal(out, out_ref) and torch.equal(xg.grad, xr.grad)
+    assert all(torch.equal(grads[n], p.grad) for n, p in mixer.named_parameters())
+
+
+@needs_compiler
+def test_kernel_cpu_refuses_gradients():
+    mixer = _mixer()
+    set_kernel(mixer, "cpu")
+    with pytest.raises(ValueError, match="forward-only"):
+        mixer(torch.randn(1, 8, 64, requires_grad=True))
+    with torch.no_grad():
+        assert torch.isfinite(mixer(torch.randn(1, 8, 64))).all()
+
+
+def test_cpu_kernel_dispatch():
+    present, absent = (lambda: object()), (lambda: None)
+    assert use_cpu_kernel("auto", False, False, present) is True
+    assert use_cpu_kernel("auto", False, False, absent) is False
+    assert use_cpu_kernel("auto", False, True, present) is False  # gradients: reference
+    assert use_cpu_kernel("auto", True, False, present) is False  # CUDA tensors: never
+    assert use_cpu_kernel("reference", False, False, present) is False
+    assert use_cpu_kernel("cpu", False, False, present) is True
+    with pytest.raises(ValueError, match="compiler"):
+        use_cpu_kernel("cpu", False, False, absent)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        use_cpu_kernel("cpu", True, False, present)
+
+
+@needs_compiler
+def test_whole_ssam_auto_equals_reference():
+    torch.manual_seed(0)
+    model = hear_msm.create_model("ssam_tiny").eval()
+    x = torch.randn(2, 1, 200, 80)
+    with torch.no_grad():
+        fast = model.forward_features(x)
+        set_kernel(model, "reference")
+        reference = model.forward_features(x)
+    diff = _relative(fast, reference)
+    print("ssam_tiny auto vs reference, relative", diff)
+    assert diff <= TOLERANCE
+
+
+# ----------------------------------------------------------------------------- chunkwise mLSTM
+def _mlstm_inputs(length, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 4, length, 24, generator=gen, dtype=dtype) for _ in range(3))
+    igate = torch.randn(2, 4, length, 1, generator=gen, dtype=dtype)
+    fgate = 3 + 2 * torch.randn(2, 4, length, 1, generator=gen, dtype=dtype)
+    return q, k, v, igate, fgate
+
+
+@pytest.mark.parametrize("length", [1, 64, 65, 251, 700])
+def test_chunkwise_mlstm_matches_parallel_form(length):
+    inputs = _mlstm_inputs(length)
+    exact = parallel_stabilized_simple(*(t.double() for t in inputs))  # float64 ground truth
+    chunkwise = mlstm_chunkwise(*inputs)
+    parallel = parallel_stabilized_simple(*inputs)
+    diff, parallel_diff = _relative(chunkwise, exact), _relative(parallel, exact)
+    print(length, "chunkwise vs parallel(fp64)", diff, "parallel fp32 vs fp64", parallel_diff,
+          "chunkwise vs parallel fp32", _relative(chunkwise, parallel))
+    assert diff <= TOLERANCE
+    assert _relative(chunkwise, parallel) <= 2 * TOLERANCE  # both float32: their errors add
+
+
+def test_chunkwise_mlstm_gradients_match_parallel_form():
+    """Against the float64 parallel form: the float32 parallel form's own gradient error is ~1e-5."""
+    weights = torch.randn(2, 4, 251, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def gradients(function, dtype):
+        inputs = [t.to(dtype).requires_grad_(True) for t in _mlstm_inputs(251)]
+        (function(*inputs) * weights.to(dtype)).sum().backward()
+        return [t.grad for t in inputs]
+
+    exact = gradients(parallel_stabilized_simple, torch.float64)
+    chunkwise = [_relative(a, b) for a, b in zip(gradients(mlstm_chunkwise, torch.float32), exact)]
+    parallel = [_relative(a, b) for a, b in zip(gradients(parallel_stabilized_simple, torch.float32), exact)]
+    print("gradients vs parallel fp64 (q, k, v, i, f): chunkwise", chunkwise, "parallel fp32", parallel)
+    assert max(chunkwise) <= TOLERANCE
+
+
+def test_chunkwise_mlstm_carries_state_across_segments():
+    inputs = _mlstm_inputs(300)
+    whole = mlstm_chunkwise(*inputs)
+    state, pieces = (), []
+    for start, stop in [(0, 10), (10, 200), (200, 300)]:
+        piece, state = mlstm_chunkwise(*(t[:, :, start:stop] for t in inputs), state=state)
+        pieces.append(piece)
+    diff = _relative(torch.cat(pieces, dim=2), whole)
+    print("segmented vs one pass, relative", diff)
+    assert diff <= TOLERANCE
+
+
+# ----------------------------------------------------------------------------- streaming blocks
+@pytest.mark.parametrize("arch", ["ssam_tiny", "axlstm_tiny"])
+def test_blocks_streamed_in_segments_equal_their_forward(arch):
+    torch.manual_seed(0)
+    model = hear_msm.create_model(arch).eval()
+    x = torch.randn(2, 251, 192)
+    segments = [(0, 1), (1, 100), (100, 251)]
+    for block in model.blocks[:2]:  # AxLSTM: one forward and one reversed block
+        with torch.no_grad():
+            expected = block(x)
+            out, state = torch.empty_like(x), None
+            for start, stop in reversed(segments) if getattr(block, "reverse", False) else segments:
+                out[:, start:stop], state = block.forward_stream(x[:, start:stop], state)
+        diff = _relative(out, expected)
+        print(arch, "reverse" if getattr(block, "reverse", False) else "forward", "streamed vs forward", diff)
+        assert diff <= TOLERANCE
+
+
+# ----------------------------------------------------------------------------- full-sequence HEAR mode
+def _audio(clips, seconds, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return 0.1 * torch.randn(clips, int(16000 * seconds), generator=gen)
+
+
+@pytest.mark.parametrize("arch", ["ssam_tiny", "axlstm_tiny"])
+def test_full_sequence_equals_chunked_on_one_chunk(arch):
+    """A 2 s clip is one chunk: both modes encode the same 251-token sequence."""
+    torch.manual_seed(0)
+    encoder = hear_msm.create_model(arch)
+    audio = _audio(2, 2.0)
+    chunked, times = HearModel(encoder).timestamp_embeddings(audio)
+    full, full_times = HearModel(encoder, sequence="full", segment_tokens=37).timestamp_embeddings(audio)
+    diff = _relative(full, chunked)
+    print(arch, "full vs chunked on 2 s", diff)
+    assert diff <= TOLERANCE and torch.equal(times, full_times)
+
+
+@pytest.mark.parametrize("arch", ["ssam_tiny", "axlstm_tiny"])
+def test_full_sequence_shapes_and_segment_independence(arch):
+    torch.manual_seed(0)
+    encoder = hear_msm.create_model(arch)
+    audio = _audio(2, 5.3)
+    small = HearModel(encoder, sequence="full", segment_tokens=64)
+    large = HearModel(encoder, sequence="full", segment_tokens=100_000)
+    embeddings, timestamps = small.timestamp_embeddings(audio)
+    reference, reference_times = HearModel(encoder).timestamp_embeddings(audio)
+    assert embeddings.shape == reference.shape and torch.equal(timestamps, reference_times)
+    diff = _relative(embeddings, large.timestamp_embeddings(audio)[0])
+    print(arch, "segment 64 vs one segment", diff)
+    assert diff <= TOLERANCE
+    assert torch.allclose(small.scene_embeddings(audio), embeddings.mean(dim=1), atol=1e-5)
+    # clips do not depend on their batch
+    single, _ = small.timestamp_embeddings(audio[1:])
+    assert _relative(single[0], embeddings[1]) <= TOLERANCE
+
+
+def test_full_sequence_is_refused_where_it_does_not_apply():
+    encoder = hear_msm.create_model("ssast_tiny")
+    with pytest.raises(ValueError, match="recurrent"):
+        HearModel(encoder, sequence="full")
+    with pytest.raises(ValueError, match="layout"):
+        HearModel(hear_msm.create_model("ssam_tiny"), sequence="full", layout="official")
+    with pytest.raises(ValueError, match="sequence"):
+        HearModel(encoder, sequence="whole")
+
+
+def test_position_table_extends_the_analytic_table_and_tiles_others():
+    encoder = hear_msm.create_model("ssam_tiny")  # initialised with the analytic table
+    stored = encoder.pos_embed[0]
+    assert torch.equal(position_table(encoder, 50), stored)
+    long = position_table(encoder, 120)
+    assert torch.equal(long, sincos_2d_position_table(192, 120, 5))
+    assert torch.equal(long[: stored.shape[0]], stored)  # time-major: the first 2 s are unchanged
+    with torch.no_grad():
+        encoder.pos_embed.add_(0.01 * torch.randn_like(encoder.pos_embed))  # no longer analytic
+    tiled = position_table(encoder, 120)
+    assert torch.equal(tiled[1:251], encoder.pos_embed[0, 1:]) and torch.equal(tiled[251:501], encoder.pos_embed[0, 1:])
+    assert torch.equal(tiled[501:], encoder.pos_embed[0, 1:101])
