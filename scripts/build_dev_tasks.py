@@ -8,6 +8,9 @@ test: MuseScore_General_Lite), 1 s mono clips at 16 kHz, one note per clip:
                      families; evaluation pitch_acc, chroma_acc (as NSynth pitch in HEAR).
   gm_family-v1-dev   GM instrument family = program // 8 (14 melodic families, 2 programs each,
                      5 notes); evaluation top1_acc.
+  gm_onsets-v1-dev   (only with --tasks gm_onsets) an event task: 4 s clips holding three 0.5 s
+                     notes of piano / organ / guitar / brass at random onsets; evaluation
+                     event_onset_200ms_fms, segment_1s_er (exercises heareval's event path).
 
 Sounds come from Debian packages fetched with `apt-get download` and unpacked with `dpkg -x`
 into a cache folder (no root needed): the soundfonts, the `fluidsynth` binary and every shared
@@ -162,15 +165,18 @@ def _varlen(value: int) -> bytes:
     return bytes(reversed(out))
 
 
-def write_midi(path: Path, notes: list[tuple[int, int]]) -> None:
-    """One-track MIDI file: note i = (program, pitch) starts at i * SLOT_SECONDS on channel 0."""
+def write_midi(path: Path, notes: list[tuple[float, float, int, int]]) -> None:
+    """One-track MIDI file of notes (start s, end s, GM program, MIDI pitch), each on its own channel
+    in turn (never 9, the drum channel), so that overlapping notes keep their programs."""
     ticks_per_second = 960  # 480 ticks per quarter at the default 120 bpm
+    channels = [c for c in range(16) if c != 9]
     events = []
-    for i, (program, pitch) in enumerate(notes):
-        start = round(i * SLOT_SECONDS * ticks_per_second)
-        events.append((start, 0, bytes([0xC0, program])))
-        events.append((start, 1, bytes([0x90, pitch, 100])))
-        events.append((start + round(NOTE_SECONDS * ticks_per_second), 2, bytes([0x80, pitch, 0])))
+    for i, (start, end, program, pitch) in enumerate(notes):
+        channel = channels[i % len(channels)]
+        on, off = round(start * ticks_per_second), round(end * ticks_per_second)
+        events.append((on, 0, bytes([0xC0 | channel, program])))
+        events.append((on, 1, bytes([0x90 | channel, pitch, 100])))
+        events.append((off, 2, bytes([0x80 | channel, pitch, 0])))
     track, last = b"", 0
     for tick, _, message in sorted(events):
         track += _varlen(tick - last) + message
@@ -179,9 +185,9 @@ def write_midi(path: Path, notes: list[tuple[int, int]]) -> None:
     path.write_bytes(b"MThd" + struct.pack(">IHHH", 6, 0, 1, 480) + b"MTrk" + struct.pack(">I", len(track)) + track)
 
 
-def render(fluidsynth: tuple[list[str], dict[str, str]], soundfont: Path, notes: list[tuple[int, int]],
-           workdir: Path) -> list[np.ndarray | None]:
-    """Render `notes` with `soundfont`; one 1 s float32 clip per note (None if silent)."""
+def render(fluidsynth: tuple[list[str], dict[str, str]], soundfont: Path,
+           notes: list[tuple[float, float, int, int]], workdir: Path) -> np.ndarray:
+    """Render notes (start s, end s, program, pitch) with `soundfont`: mono float32 at 16 kHz."""
     cmd, env = fluidsynth
     midi, wav = workdir / "notes.mid", workdir / "notes.wav"
     write_midi(midi, notes)
@@ -190,19 +196,18 @@ def render(fluidsynth: tuple[list[str], dict[str, str]], soundfont: Path, notes:
     audio, rate = sf.read(str(wav), dtype="float32", always_2d=True)
     if rate != SAMPLE_RATE:
         raise RuntimeError(f"fluidsynth wrote {rate} Hz, expected {SAMPLE_RATE}")
-    audio = audio.mean(axis=1)
-    clip_samples = int(CLIP_SECONDS * SAMPLE_RATE)
-    clips: list[np.ndarray | None] = []
-    for i in range(len(notes)):
-        start = round(i * SLOT_SECONDS * SAMPLE_RATE)
-        clip = np.zeros(clip_samples, dtype=np.float32)
-        piece = audio[start:start + clip_samples]
-        clip[:len(piece)] = piece
-        if np.sqrt(np.mean(clip ** 2)) < SILENCE_RMS:
-            clips.append(None)
-        else:
-            clips.append((clip * (PEAK / np.abs(clip).max())).astype(np.float32))
-    return clips
+    return audio.mean(axis=1)
+
+
+def cut(audio: np.ndarray, start: float, seconds: float) -> np.ndarray | None:
+    """`seconds` of audio from `start` (zero-padded), peak-normalised; None if silent."""
+    length = round(seconds * SAMPLE_RATE)
+    clip = np.zeros(length, dtype=np.float32)
+    piece = audio[round(start * SAMPLE_RATE):round(start * SAMPLE_RATE) + length]
+    clip[:len(piece)] = piece
+    if np.sqrt(np.mean(clip ** 2)) < SILENCE_RMS:
+        return None
+    return (clip * (PEAK / np.abs(clip).max())).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ HEAR task folders
@@ -220,7 +225,9 @@ def build_task(spec: TaskSpec, out: Path, root: Path, fluidsynth, max_programs: 
     counts = {}
     with tempfile.TemporaryDirectory() as tmp:
         for split, (package, sf_path) in SOUNDFONTS.items():
-            clips = render(fluidsynth, root / sf_path, notes, Path(tmp))
+            audio = render(fluidsynth, root / sf_path, [(i * SLOT_SECONDS, i * SLOT_SECONDS + NOTE_SECONDS, program, pitch)
+                                                          for i, (program, pitch) in enumerate(notes)], Path(tmp))
+            clips = [cut(audio, i * SLOT_SECONDS, CLIP_SECONDS) for i in range(len(notes))]
             split_dir = task_dir / str(SAMPLE_RATE) / split
             split_dir.mkdir()
             labels = {}
@@ -257,6 +264,59 @@ def build_task(spec: TaskSpec, out: Path, root: Path, fluidsynth, max_programs: 
     return task_dir
 
 
+# event task: 4 s clips with three 0.5 s notes of four instrument families at random onsets
+EVENT_TASK = "gm_onsets-v1-dev"
+EVENT_PROGRAMS = {0: "piano", 19: "organ", 24: "guitar", 56: "brass"}
+EVENT_CLIP_SECONDS, EVENT_SLOT_SECONDS, EVENT_NOTE_SECONDS, EVENT_NOTES = 4.0, 5.0, 0.5, 3
+
+
+def build_event_task(out: Path, root: Path, fluidsynth, clips_per_split: int) -> Path:
+    """Sound event detection: onsets of the four families' notes (HEAR event task, multilabel)."""
+    task_dir = out / EVENT_TASK
+    if task_dir.exists():
+        shutil.rmtree(task_dir)
+    (task_dir / str(SAMPLE_RATE)).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    programs = list(EVENT_PROGRAMS)
+    counts = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for split, (package, sf_path) in SOUNDFONTS.items():
+            plan = []  # per clip: [(onset s, program, pitch)]
+            for _ in range(clips_per_split):
+                onsets = np.sort(rng.uniform(0.1, EVENT_CLIP_SECONDS - EVENT_NOTE_SECONDS - 0.1, EVENT_NOTES))
+                plan.append([(float(t), int(rng.choice(programs)), int(rng.integers(55, 73))) for t in onsets])
+            notes = [(c * EVENT_SLOT_SECONDS + t, c * EVENT_SLOT_SECONDS + t + EVENT_NOTE_SECONDS, program, pitch)
+                     for c, clip_notes in enumerate(plan) for t, program, pitch in clip_notes]
+            audio = render(fluidsynth, root / sf_path, notes, Path(tmp))
+            split_dir = task_dir / str(SAMPLE_RATE) / split
+            split_dir.mkdir()
+            labels = {}
+            for c, clip_notes in enumerate(plan):
+                clip = cut(audio, c * EVENT_SLOT_SECONDS, EVENT_CLIP_SECONDS)
+                if clip is None:
+                    continue
+                name = f"{package}-clip{c:03d}.wav"
+                sf.write(str(split_dir / name), clip, SAMPLE_RATE, subtype="PCM_16")
+                labels[name] = [{"label": EVENT_PROGRAMS[program], "start": round(1000 * t, 1),
+                                 "end": round(1000 * (t + EVENT_NOTE_SECONDS), 1)} for t, program, _ in clip_notes]
+            (task_dir / f"{split}.json").write_text(json.dumps(labels, indent=1))
+            counts[split] = len(labels)
+    with open(task_dir / "labelvocabulary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["idx", "label"])
+        writer.writerows(enumerate(EVENT_PROGRAMS.values()))
+    metadata = {
+        "task_name": EVENT_TASK.split("-")[0], "version": "v1-dev", "embedding_type": "event",
+        "prediction_type": "multilabel", "split_mode": "trainvaltest", "splits": list(SOUNDFONTS),
+        "sample_duration": EVENT_CLIP_SECONDS, "evaluation": ["event_onset_200ms_fms", "segment_1s_er"],
+        "default_mode": "dev", "mode": "dev",
+        "sources": {split: package for split, (package, _) in SOUNDFONTS.items()},
+    }
+    (task_dir / "task_metadata.json").write_text(json.dumps(metadata, indent=1))
+    print(f"{EVENT_TASK}: {counts} clips, {len(EVENT_PROGRAMS)} classes -> {task_dir}", flush=True)
+    return task_dir
+
+
 def default_cache() -> Path:
     base = os.environ.get("HEAR_MSM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hear_msm")
     return Path(base) / "debian"
@@ -265,20 +325,25 @@ def default_cache() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="tasks folder to write into")
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {list(TASKS)}")
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help=f"comma-separated subset of {list(TASKS) + ['gm_onsets']} (gm_onsets: event task, not default)")
+    parser.add_argument("--event-clips", type=int, default=40, help="clips per split of gm_onsets")
     parser.add_argument("--max-programs", type=int, default=None,
                         help="use at most this many GM programs per task (smaller, faster tasks)")
     parser.add_argument("--cache", type=Path, default=default_cache(), help="where the .deb files are kept")
     args = parser.parse_args(argv)
     names = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in names if t not in TASKS]
+    unknown = [t for t in names if t not in TASKS and t != "gm_onsets"]
     if unknown:
-        parser.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+        parser.error(f"unknown task(s) {unknown}; choose from {list(TASKS) + ['gm_onsets']}")
     start = time.time()
     root = fetch_packages(args.cache)
     fluidsynth = fluidsynth_command(root)
     for name in names:
-        build_task(TASKS[name], args.out, root, fluidsynth, args.max_programs)
+        if name == "gm_onsets":
+            build_event_task(args.out, root, fluidsynth, args.event_clips)
+        else:
+            build_task(TASKS[name], args.out, root, fluidsynth, args.max_programs)
     print(f"built {len(names)} task(s) in {time.time() - start:.1f} s", flush=True)
     return 0
 

@@ -4,7 +4,8 @@ logic, the report, and the errors for folders that are not HEAR tasks.
 The end-to-end test builds gm_pitch-v1-dev with scripts/build_dev_tasks.py (4 programs: 100 clips
 per split; downloads ~90 MB of Debian packages once into the cache), then runs
 `python -m eval.run` for ssast_tiny and axlstm_tiny (random-init weights) with
-`--grid faster --grid-points 1` and 2 seeds: about 1.5 min of CPU on one thread.
+`--grid faster --grid-points 1` and 2 seeds, reruns it (nothing may be recomputed), and runs a
+12-clip event task (gm_onsets) for one model: about 3 min on one thread.
 """
 import csv
 import importlib.util
@@ -180,3 +181,38 @@ def test_report_interval_and_order(tmp_path):
     header = (tmp_path / "results.md").read_text().splitlines()[0]
     assert header == "| Model | BO | E50 | Overall | s(m) |"
     assert summary["normalised"] == {"a": 0.0, "b": 100.0}
+
+
+@needs_heareval
+def test_event_task_runs_through_the_driver(weights, tmp_path):
+    """heareval's event path (timestamp embeddings, sed_eval, the FitLoop.current_epoch fix)."""
+    tasks = tmp_path / "tasks"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "build_dev_tasks.py"), "--out", str(tasks),
+                           "--tasks", "gm_onsets", "--event-clips", "12"],
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "eval.run", "--models", "ssast_tiny", "--tasks-dir", str(tasks),
+                           "--out", str(out), "--seeds", "1", "--grid", "faster", "--grid-points", "1",
+                           "--weights", f"ssast_tiny={weights['ssast_tiny']}", "--tasks", "gm_onsets-v1-dev"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["metric"] == "event_onset_200ms_fms" and math.isfinite(float(row["score"]))
+
+
+def test_model_names_weights_and_layout():
+    from eval.run import parse_models
+
+    (spec,) = parse_models("ssam_tiny", ["ssam_tiny=hf://org/repo@v1"], "official")
+    assert spec.label == "ssam_tiny+official" and spec.module == "hear_msm.ssam_tiny" and spec.weights == ""
+    assert spec.options == {"model_file_path": "hf://org/repo@v1", "layout": "official"}
+    (spec,) = parse_models("axlstm_tiny", [f"axlstm_tiny={REPO}"], "time")
+    assert spec.weights == str(REPO) and spec.options == {}
+    (spec,) = parse_models("json", [], "official")  # any importable module; layout is hear_msm's only
+    assert spec.module == "json" and spec.options == {}
+    with pytest.raises(ValueError, match="neither a hear_msm architecture"):
+        parse_models("no_such_module.x", [], "time")
+    with pytest.raises(ValueError, match="not in --models"):
+        parse_models("ssam_tiny", ["axlstm_tiny=x"], "time")

@@ -8,6 +8,8 @@ every family is validated with both. 10-60 s per model on one CPU thread (ssam_b
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,9 @@ import torch
 import hear_msm
 from random_checkpoint import random_official_state_dict
 
-VALIDATOR = shutil.which("hear-validator")
+# the venv's bin/ is not on PATH when pytest runs as .venv/bin/python -m pytest
+_BESIDE = Path(sys.executable).parent / "hear-validator"
+VALIDATOR = str(_BESIDE) if _BESIDE.is_file() else shutil.which("hear-validator")
 ARCHS = hear_msm.list_models()
 
 pytestmark = pytest.mark.skipif(
