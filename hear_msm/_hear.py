@@ -55,7 +55,7 @@ class HearModel(nn.Module):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, encoder: SpectrogramEncoder, layout: str = "time", max_batch_chunks: int = 32,
+    def __init__(self, encoder: SpectrogramEncoder, layout: str = "time", max_batch_chunks: int | None = None,
                  weights: str = "", sequence: str = "chunked", segment_tokens: int = 8192,
                  positions: str = "auto"):
         super().__init__()
@@ -75,12 +75,12 @@ class HearModel(nn.Module):
                 )
         if int(segment_tokens) < 1:
             raise ValueError(f"segment_tokens must be a positive integer, got {segment_tokens!r}")
-        if int(max_batch_chunks) < 1:
-            raise ValueError(f"max_batch_chunks must be a positive integer, got {max_batch_chunks!r}")
+        if max_batch_chunks is not None and int(max_batch_chunks) < 1:
+            raise ValueError(f"max_batch_chunks must be a positive integer or None, got {max_batch_chunks!r}")
         self.encoder = encoder.eval()
         self.frontend = LogMelFrontend(encoder.config.num_mels)
         self.layout = layout
-        self.max_batch_chunks = int(max_batch_chunks)
+        self._max_batch_chunks = None if max_batch_chunks is None else int(max_batch_chunks)
         self.sequence = sequence
         self.segment_tokens = int(segment_tokens)
         self.positions = positions
@@ -94,6 +94,14 @@ class HearModel(nn.Module):
         # 40 ms per token column
         self.column_samples = self.column_frames * HOP_SAMPLES
         self.hop_ms = 1000.0 * self.column_samples / SAMPLE_RATE
+
+    @property
+    def max_batch_chunks(self) -> int:
+        """Chunks per encoder call. Default (None): 4 on CPU, where bigger batches only spill the
+        caches (benchmarks/README.md: 32-chunk batches are 10-60% slower per chunk than 4), 32 on GPU."""
+        if self._max_batch_chunks is not None:
+            return self._max_batch_chunks
+        return 32 if next(self.encoder.parameters()).is_cuda else 4
 
     @property
     def arch(self) -> str:
@@ -289,7 +297,7 @@ def validate_audio(audio, min_samples: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ HEAR API
-def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", max_batch_chunks: int = 32,
+def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", max_batch_chunks: int | None = None,
                     kernel: str = "auto", device: str | torch.device | None = None,
                     sequence: str = "chunked", segment_tokens: int = 8192, positions: str = "auto") -> HearModel:
     """The HEAR `load_model` of every `hear_msm.<arch>` module.
@@ -300,7 +308,7 @@ def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", 
     layout: "time" (correct time order, default) or "official" (the authors' scrambled frame
         layout, only to reproduce published numbers); see this module's docstring.
     max_batch_chunks: how many 2 s chunks go through the encoder at once (bounds memory; in full
-        mode, clips are grouped while their tokens fit this many chunks).
+        mode, clips are grouped while their tokens fit this many chunks); None = 4 on CPU, 32 on GPU.
     sequence: "chunked" (default, 2 s chunks as in pretraining) or "full" (SSAM/AxLSTM only: the
         whole clip as one sequence, linear time and memory); see this module's docstring.
     segment_tokens: full mode only, tokens per segment (5 per 40 ms); bounds working memory.

@@ -13,7 +13,7 @@ from hear_msm import _cpu_scan
 from hear_msm._encoder import sincos_2d_position_table
 from hear_msm._hear import HearModel, position_table
 from hear_msm.mamba import MambaConfig, MambaMixer, selective_scan_reference, set_kernel, use_cpu_kernel
-from hear_msm.xlstm import mlstm_chunkwise
+from hear_msm.xlstm import mlstm_chunkwise, set_mlstm_form
 
 TOLERANCE = 1e-5
 
@@ -274,3 +274,37 @@ def test_position_table_extends_the_analytic_table_and_tiles_others():
     tiled = position_table(encoder, 120)
     assert torch.equal(tiled[1:251], encoder.pos_embed[0, 1:]) and torch.equal(tiled[251:501], encoder.pos_embed[0, 1:])
     assert torch.equal(tiled[501:], encoder.pos_embed[0, 1:101])
+
+
+def test_whole_axlstm_chunkwise_equals_xlstm_parallel_forward():
+    """The opt-in chunkwise form against xlstm's own layer forward (the default), outputs and gradients."""
+    torch.manual_seed(0)
+    model = hear_msm.create_model("axlstm_tiny")
+    x = torch.randn(2, 1, 200, 80)
+    weights = torch.randn(2, 250, 192)  # a random linear loss: the LayerNormed outputs' norm is constant
+    results = {}
+    for form in ("chunkwise", "parallel"):
+        set_mlstm_form(model, form)
+        model.zero_grad()
+        out = model.forward_features(x)
+        (out * weights).sum().backward()
+        results[form] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (fast, fast_grads), (reference, reference_grads) = results["chunkwise"], results["parallel"]
+    diff = _relative(fast, reference)
+    grad_diff = max(_relative(fast_grads[n], g) for n, g in reference_grads.items())
+    print("axlstm_tiny chunkwise vs parallel: output", diff, "worst gradient", grad_diff)
+    assert diff <= TOLERANCE and grad_diff <= TOLERANCE
+    assert fast_grads.keys() == reference_grads.keys()
+
+
+def test_axlstm_default_is_xlstm_parallel_form_bit_for_bit():
+    torch.manual_seed(0)
+    model = hear_msm.create_model("axlstm_tiny").eval()
+    x = torch.randn(2, 251, 192)
+    with torch.no_grad():
+        for block in model.blocks[:2]:
+            h = block.norm(x)
+            expected = x + (block.layer(h.flip(1)).flip(1) if block.reverse else block.layer(h))
+            assert torch.equal(block(x), expected)
+    with pytest.raises(ValueError, match="form"):
+        set_mlstm_form(model, "fast")

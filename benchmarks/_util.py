@@ -1,0 +1,65 @@
+"""Shared helpers of the benchmark scripts: timing, thread settings, tables, JSON."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "python": sys.version.split()[0], "torch": torch.__version__, "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform(),
+        "load_average_at_start": load, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def best_time(function, repeats: int = 3, min_seconds: float = 0.0) -> float:
+    """Minimum wall time of `function()` over `repeats` calls after one warm-up (noise is one-sided)."""
+    function()
+    times = []
+    started = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - started < min_seconds:
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux: ru_maxrss in kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = lambda values: "| " + " | ".join(v.rjust(w) for v, w in zip(values, widths)) + " |"
+    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
+    print(f"wrote {path}")
+
+
+def progress(done: int, total: int, label: str) -> None:
+    bar = "#" * int(30 * done / max(total, 1))
+    print(f"\r[{bar:<30}] {done}/{total} {label[:50]:<50}", end="", file=sys.stderr, flush=True)
+    if done == total:
+        print(file=sys.stderr)
