@@ -110,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append((arch, weights, lambda a=arch, w=weights: hear_model(a, w, args.seed)))
         for arch, weights, make in runs:
             label = arch if weights == "-" else f"{arch}.{Path(weights).name or weights}"
+            if weights == "random" and args.seed != 0:
+                label += f"{args.seed}"
             features = embed(f"{task_name}__{label}", make, audio, args.cache)
             scores = probe(features, labels)
-            results.append({"task": task_name, "model": arch, "weights": weights, **scores,
+            results.append({"task": task_name, "model": arch, "weights": weights,
+                            "seed": args.seed if weights == "random" else None, **scores,
                             "dim": int(features["train"].shape[1])})
             print(f"  {label:<28} valid {scores['valid']:.3f}  test {scores['test']:.3f}", file=sys.stderr, flush=True)
 

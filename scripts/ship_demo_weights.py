@@ -35,6 +35,13 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def same_weights(old: bytes, new_file: Path) -> bool:
+    from safetensors.torch import load, load_file
+
+    a, b = load(old), load_file(str(new_file))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def run_summary(run: Path) -> dict:
     config = json.loads((run / "train_config.json").read_text())
     with open(run / "log.csv", newline="") as handle:
@@ -190,12 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         model = hear_msm.load_model(run / "final")
         arch, family = model.config.arch, model.config.family
         target = WEIGHTS / f"{arch}.{args.tag}"
+        previous = None
+        if (target / "model.safetensors").is_file():
+            previous = (target / "model.safetensors").read_bytes()
         if target.exists():
             shutil.rmtree(target)
         summary = run_summary(run)
         params = sum(v.numel() for v in model.state_dict().values())
         card = model_card(arch, args.tag, family, summary, corpus, shards, probe, model.config.embed_dim, params)
         save_pretrained(model, target, dtype=torch.float16, model_card=card)
+        if previous is not None and same_weights(previous, target / "model.safetensors"):
+            # safetensors writes its metadata in no fixed order: keep the old bytes (and sha256)
+            (target / "model.safetensors").write_bytes(previous)
         plot_loss(run, target / "loss.png", title=f"{arch}.{args.tag} pretraining loss")
         entry = {
             "description": f"CPU demo pretraining on {corpus['hours']:.1f} h of Debian-packaged audio "
