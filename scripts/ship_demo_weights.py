@@ -61,7 +61,8 @@ def probe_table(probe: list[dict], arch: str) -> str:
         for r in probe:
             if r["task"] != task or r["model"] not in (arch, "logmel_mean_std"):
                 continue
-            name = {"shipped": "these weights", "random": f"{arch}, random init"}.get(r["weights"], r["weights"])
+            seed = f" (seed {r['seed']})" if r.get("seed") is not None else ""
+            name = {"shipped": "these weights", "random": f"{arch}, random init{seed}"}.get(r["weights"], r["weights"])
             if r["model"] == "logmel_mean_std":
                 name = "log-mel mean+std baseline (160-d)"
             lines.append(f"| {task} | {name} | {r['valid']:.3f} | {r['test']:.3f} |")
@@ -72,13 +73,18 @@ def verdict(probe: list[dict], arch: str) -> str:
     """One honest sentence per task: do these weights beat the same architecture at random init?"""
     sentences = []
     for task in sorted({r["task"] for r in probe}, reverse=True):
-        scores = {r["weights"]: r for r in probe if r["task"] == task and r["model"] == arch}
-        if "shipped" not in scores or "random" not in scores:
+        rows = [r for r in probe if r["task"] == task and r["model"] == arch]
+        shipped = [r for r in rows if r["weights"] == "shipped"]
+        random_init = [r for r in rows if r["weights"] == "random"]
+        if not shipped or not random_init:
             continue
-        diffs = {split: scores["shipped"][split] - scores["random"][split] for split in ("valid", "test")}
+        # against the mean over the random-init seeds
+        diffs = {split: shipped[0][split] - sum(r[split] for r in random_init) / len(random_init)
+                 for split in ("valid", "test")}
         wins = [split for split, d in diffs.items() if d > 0]
-        outcome = ("beat random init on both soundfonts" if len(wins) == 2 else
-                   f"beat random init on {wins[0]} only" if wins else "do not beat random init")
+        seeds = f" (mean of {len(random_init)} seeds)" if len(random_init) > 1 else ""
+        outcome = ("beat random init" + seeds + " on both soundfonts" if len(wins) == 2 else
+                   f"beat random init{seeds} on {wins[0]} only" if wins else f"do not beat random init{seeds}")
         sentences.append(f"{task}: these weights {outcome} "
                          f"(valid {diffs['valid']:+.3f}, test {diffs['test']:+.3f}).")
     return (" ".join(sentences) + " The probes are small (200 / 140 clips per split, so one clip is 0.5 / 0.7 "
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", required=True)
     parser.add_argument("--corpus", required=True, type=Path, help="corpus.json from build_pretrain_corpus.py")
     parser.add_argument("--shards", required=True, type=Path, help="shards.json from hear-msm prepare-shards")
-    parser.add_argument("--probe", type=Path, help="results JSON of probe_dev_tasks.py")
+    parser.add_argument("--probe", type=Path, nargs="+", help="results JSON of probe_dev_tasks.py")
     parser.add_argument("--set-default", action="store_true", help="make the tag the architecture's default")
     args = parser.parse_args(argv)
 
@@ -190,7 +196,15 @@ def main(argv: list[str] | None = None) -> int:
 
     corpus = json.loads(args.corpus.read_text())
     shards = json.loads(args.shards.read_text())
-    probe = json.loads(args.probe.read_text()) if args.probe else None
+    probe = None
+    if args.probe:
+        probe, seen = [], set()
+        for path in args.probe:  # several result files merge; repeated rows (the baseline) count once
+            for row in json.loads(path.read_text()):
+                key = (row["task"], row["model"], row["weights"], row.get("seed"))
+                if key not in seen:
+                    seen.add(key)
+                    probe.append(row)
     registry_path = WEIGHTS / "registry.json"
     registry = json.loads(registry_path.read_text())
     for run in args.runs:
