@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--layout", default="time", choices=["time", "official"],
                    help="'official' reproduces the authors' scrambled frame layout (published numbers)")
-    p.add_argument("--max-batch-chunks", type=int, default=32, help="2 s chunks per encoder batch")
+    p.add_argument("--max-batch-chunks", type=int, default=None,
+                   help="2 s chunks per encoder batch (default: 4 on CPU, 32 on GPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=_cmd_embed)
