@@ -4,7 +4,8 @@
 For each thread count: the fp32 rate of a plain matmul of the shapes the model uses most
 ([tokens, 192] @ [192, 768]) and of a large square one; the rate of F.scaled_dot_product_attention
 on SSAST-tiny's shapes; and SSAST-tiny's whole forward (batch of 2 s chunks, analytic FLOP count:
-every Linear, the attention products and the patch projection; elementwise work not counted).
+every Linear, the attention products and the patch projection; elementwise work not counted),
+and the HEAR extraction (4 clips x 10 s, default batching) with the same count per 2 s chunk.
 
     python benchmarks/flops.py --threads 1 2 --out benchmarks/results/flops.json
 """
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import hear_msm
+from hear_msm._hear import HearModel
 from _util import best_time, progress, table, write_json
 
 
@@ -40,7 +42,14 @@ def measure(threads: int, chunks: int) -> list[dict]:
     with torch.no_grad():
         seconds = best_time(lambda: model.forward_features(x), repeats=3, min_seconds=1.0)
     flops = chunks * ssast_flops_per_chunk(model.config)
-    rows.append({"what": "ssast_tiny forward", "gflops": flops / seconds / 1e9, "x_realtime": 2.0 * chunks / seconds})
+    rows.append({"what": f"ssast_tiny forward, {chunks} chunks", "gflops": flops / seconds / 1e9,
+                 "x_realtime": 2.0 * chunks / seconds})
+    # the HEAR extraction itself (default batching), 4 clips of 10 s = 20 chunks of 2 s
+    runtime = HearModel(model)
+    audio = 0.1 * torch.randn(4, 160000, generator=torch.Generator().manual_seed(0))
+    seconds = best_time(lambda: runtime.timestamp_embeddings(audio), repeats=2)
+    flops = 20 * ssast_flops_per_chunk(model.config)
+    rows.append({"what": "ssast_tiny HEAR extraction", "gflops": flops / seconds / 1e9, "x_realtime": 40.0 / seconds})
     reference = rows[0]["gflops"]
     for row in rows:
         row["threads"] = threads

@@ -97,11 +97,15 @@ class HearModel(nn.Module):
 
     @property
     def max_batch_chunks(self) -> int:
-        """Chunks per encoder call. Default (None): 4 on CPU, where bigger batches only spill the
-        caches (benchmarks/README.md: 32-chunk batches are 10-60% slower per chunk than 4), 32 on GPU."""
+        """Chunks per encoder call. Default (None): 32 on GPU; on CPU, where bigger batches only
+        spill the caches, 4 (SSAST, SSAM: 32-chunk batches are 10-60% slower per chunk) and 1 for
+        AxLSTM (its 251 x 251 gate matrices: 4 chunks per call are ~20% slower per chunk than 1;
+        benchmarks/README.md)."""
         if self._max_batch_chunks is not None:
             return self._max_batch_chunks
-        return 32 if next(self.encoder.parameters()).is_cuda else 4
+        if next(self.encoder.parameters()).is_cuda:
+            return 32
+        return 1 if self.encoder.config.family == "xlstm" else 4
 
     @property
     def arch(self) -> str:
@@ -225,16 +229,41 @@ def position_table(encoder: SpectrogramEncoder, grid_time: int, positions: str =
     "extend": the analytic 2-D sin-cos table for any length; "tile": the stored 50-column table
     repeated every 2 s; "auto": "extend" when the stored table is the analytic one, else "tile".
     """
+    return position_rows(encoder, 0, 1 + grid_time * encoder.config.grid_freq, positions)
+
+
+def resolve_positions(encoder: SpectrogramEncoder, positions: str) -> str:
+    if positions != "auto":
+        return positions
     cfg = encoder.config
-    stored = encoder.pos_embed[0].detach()  # [1 + 50 * 5, D]
-    if positions == "auto":
-        analytic = sincos_2d_position_table(cfg.embed_dim, cfg.grid_time, cfg.grid_freq).to(stored)
-        positions = "extend" if torch.allclose(stored, analytic, atol=1e-5, rtol=0) else "tile"
+    stored = encoder.pos_embed[0].detach()
+    analytic = sincos_2d_position_table(cfg.embed_dim, cfg.grid_time, cfg.grid_freq).to(stored)
+    return "extend" if torch.allclose(stored, analytic, atol=1e-5, rtol=0) else "tile"
+
+
+def position_rows(encoder: SpectrogramEncoder, start: int, stop: int, positions: str = "auto") -> torch.Tensor:
+    """Rows [start, stop) of the long position table (row 0 = CLS), float32 [stop - start, D],
+    computed without building the whole table (an hour is 450k rows)."""
+    cfg = encoder.config
+    stored = encoder.pos_embed[0].detach()
+    positions = resolve_positions(encoder, positions)
+    index = torch.arange(max(start, 1) - 1, stop - 1, device=stored.device)  # token index without CLS
+    time_index, freq_index = index // cfg.grid_freq, index % cfg.grid_freq
     if positions == "extend":
-        return sincos_2d_position_table(cfg.embed_dim, grid_time, cfg.grid_freq).to(stored)
-    columns = torch.arange(grid_time, device=stored.device) % cfg.grid_time
-    rows = (columns[:, None] * cfg.grid_freq + torch.arange(cfg.grid_freq, device=stored.device)).flatten()
-    return torch.cat([stored[:1], stored[1 + rows]])
+        # the formula of `sincos_2d_position_table`, in float64 as there, for these rows only
+        quarter = cfg.embed_dim // 4
+        omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=stored.device) / quarter)
+
+        def encode(values: torch.Tensor) -> torch.Tensor:
+            angles = values.to(torch.float64)[:, None] * omega[None, :]
+            return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+        rows = torch.cat([encode(freq_index), encode(time_index)], dim=1).float()
+        cls = torch.zeros(1, cfg.embed_dim, device=stored.device)
+    else:
+        rows = stored[1 + (time_index % cfg.grid_time) * cfg.grid_freq + freq_index]
+        cls = stored[:1]
+    return torch.cat([cls, rows]) if start == 0 else rows
 
 
 @torch.no_grad()
@@ -244,17 +273,23 @@ def encode_full_sequence(encoder: SpectrogramEncoder, spectrogram: torch.Tensor,
 
     One sequence per clip (CLS first), block by block over segments of `segment_tokens` tokens
     with each block's recurrent state carried between segments (reversed blocks walk the
-    segments back to front). Needs blocks with `forward_stream` (SSAM, AxLSTM).
+    segments back to front). Needs blocks with `forward_stream` (SSAM, AxLSTM). Memory: the
+    input, two [B, tokens, D] activations and one segment's intermediates.
     """
     cfg = encoder.config
     if spectrogram.shape[2] % cfg.patch_frames or spectrogram.shape[3] != cfg.num_mels:
         raise ValueError(f"spectrogram must be [B, 1, 4k frames, {cfg.num_mels}], got {tuple(spectrogram.shape)}")
-    patches = encoder.patch_embed(spectrogram)  # [B, T/4 * 5, D], time-major
-    table = position_table(encoder, spectrogram.shape[2] // cfg.patch_frames, positions)
-    cls = (encoder.cls_token + table[:1]).expand(patches.shape[0], -1, -1)
-    x = torch.cat([cls, patches + table[1:]], dim=1)
-    del patches
-    length = x.shape[1]
+    positions = resolve_positions(encoder, positions)
+    columns = spectrogram.shape[2] // cfg.patch_frames
+    length = 1 + columns * cfg.grid_freq
+    x = spectrogram.new_empty(spectrogram.shape[0], length, cfg.embed_dim)
+    x[:, 0] = encoder.cls_token[0, 0] + position_rows(encoder, 0, 1, positions)[0]
+    step = max(1, segment_tokens // cfg.grid_freq)  # patch embedding, column-aligned segments
+    for first in range(0, columns, step):
+        last = min(first + step, columns)
+        frames = spectrogram[:, :, first * cfg.patch_frames:last * cfg.patch_frames]
+        start, stop = 1 + first * cfg.grid_freq, 1 + last * cfg.grid_freq
+        x[:, start:stop] = encoder.patch_embed(frames) + position_rows(encoder, start, stop, positions)
     bounds = [(start, min(start + segment_tokens, length)) for start in range(0, length, segment_tokens)]
     for block in encoder.blocks:
         out = torch.empty_like(x)

@@ -308,3 +308,13 @@ def test_axlstm_default_is_xlstm_parallel_form_bit_for_bit():
             assert torch.equal(block(x), expected)
     with pytest.raises(ValueError, match="form"):
         set_mlstm_form(model, "fast")
+
+
+@pytest.mark.parametrize("positions", ["extend", "tile"])
+def test_position_rows_are_slices_of_the_long_table(positions):
+    from hear_msm._hear import position_rows
+
+    encoder = hear_msm.create_model("axlstm_tiny")
+    table = position_table(encoder, 300, positions)
+    for start, stop in [(0, 1), (0, 37), (1, 600), (251, 1501)]:
+        assert torch.equal(position_rows(encoder, start, stop, positions), table[start:stop])
