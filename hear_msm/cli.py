@@ -28,22 +28,17 @@ def _cmd_list(args) -> int:
 def read_audio_16k_mono(path: Path) -> tuple[np.ndarray, list[str]]:
     """Read any soundfile-readable file -> float32 mono at 16 kHz, plus notes on what changed."""
     import soundfile as sf
-    import torch
-    import torchaudio.functional as AF
+
+    from hear_msm._data import to_16k_mono
 
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [samples, channels]
     except (RuntimeError, sf.LibsndfileError) as error:
         raise ValueError(f"{path}: cannot read audio ({error}); soundfile reads wav, flac, ogg, mp3 and more") from None
-    notes = []
-    if data.shape[1] > 1:
-        notes.append(f"mixed {data.shape[1]} channels to mono")
-        data = data.mean(axis=1, keepdims=True)
-    audio = torch.from_numpy(np.ascontiguousarray(data[:, 0]))
+    notes = [f"mixed {data.shape[1]} channels to mono"] if data.shape[1] > 1 else []
     if rate != 16000:
         notes.append(f"resampled {rate} Hz -> 16000 Hz")
-        audio = AF.resample(audio, rate, 16000)
-    return audio.numpy(), notes
+    return to_16k_mono(data, rate).numpy(), notes
 
 
 def _cmd_embed(args) -> int:
