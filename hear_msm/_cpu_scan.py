@@ -163,7 +163,7 @@ def load_library() -> ctypes.CDLL | None:
 
 
 def selective_scan_cpu(u, delta, A, B, C, D, state: torch.Tensor | None = None):
-    """Compiled selective scan; same contract as `selective_scan_reference`, plus a carried state.
+    """Compiled selective scan; same contract as `selective_scan_reference(..., return_state=True)`.
 
     u, delta: [batch, L, E]; A: [E, N]; B, C: [batch, L, N]; D: [E]; state: [batch, E, N] or
     None (zeros). Returns (y [batch, L, E] float32, final state [batch, E, N] float32). No autograd.

@@ -45,34 +45,23 @@ class MambaConfig(EncoderConfig):
         return self.dt_rank or math.ceil(self.embed_dim / 16)
 
 
-def selective_scan_reference(u, delta, A, B, C, D):
+def selective_scan_reference(u, delta, A, B, C, D, state=None, return_state=False):
     """Selective scan, sequential in time (pure PyTorch).
 
     u, delta: [batch, L, E] (delta already softplus-ed and biased); A: [E, N];
-    B, C: [batch, L, N]; D: [E]. Returns y: [batch, L, E] with
+    B, C: [batch, L, N]; D: [E]; state: [batch, E, N] carried in from a previous segment
+    (zeros when None). Returns y: [batch, L, E] (and the final state with `return_state`) with
         h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,   y_t = h_t . C_t + D * u_t.
-    Iterating over `unbind` views keeps autograd's backward linear in L.
+    Each step builds only its own [batch, E, N] terms, so memory does not grow with L beyond the
+    outputs; iterating over `unbind` views keeps autograd's backward linear in L.
     """
-    batch, length, inner = u.shape
-    decay = torch.exp(delta.unsqueeze(-1) * A)  # [b, L, E, N]
-    drive = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # [b, L, E, N]
-    state = u.new_zeros(batch, inner, A.shape[1])
-    outputs = []
-    for decay_t, drive_t, c_t in zip(decay.unbind(1), drive.unbind(1), C.unbind(1)):
-        state = decay_t * state + drive_t
-        outputs.append(torch.bmm(state, c_t.unsqueeze(-1)).squeeze(-1))  # [b, E]
-    return torch.stack(outputs, dim=1) + u * D
-
-
-def selective_scan_with_state(u, delta, A, B, C, D, state=None):
-    """The sequential scan with a carried state (for streaming where the compiled scan is absent):
-    same contract as `selective_scan_cpu` -> (y [batch, L, E], final state [batch, E, N])."""
     state = u.new_zeros(u.shape[0], u.shape[2], A.shape[1]) if state is None else state
     outputs = []
     for delta_t, u_t, b_t, c_t in zip(delta.unbind(1), u.unbind(1), B.unbind(1), C.unbind(1)):
         state = torch.exp(delta_t.unsqueeze(-1) * A) * state + (delta_t * u_t).unsqueeze(-1) * b_t.unsqueeze(1)
-        outputs.append(torch.bmm(state, c_t.unsqueeze(-1)).squeeze(-1))
-    return torch.stack(outputs, dim=1) + u * D, state
+        outputs.append(torch.bmm(state, c_t.unsqueeze(-1)).squeeze(-1))  # [b, E]
+    y = torch.stack(outputs, dim=1) + u * D
+    return (y, state) if return_state else y
 
 
 def _load_cuda_scan() -> Callable | None:
@@ -186,7 +175,8 @@ class MambaMixer(nn.Module):
             if load_library() is not None and not hidden.is_cuda:
                 y, ssm_state = selective_scan_cpu(u, delta, A, B, C, self.D, ssm_state)
             else:
-                y, ssm_state = selective_scan_with_state(u.float(), delta, A, B.float(), C.float(), self.D.float(), ssm_state)
+                y, ssm_state = selective_scan_reference(u.float(), delta, A, B.float(), C.float(), self.D.float(),
+                                                         ssm_state, return_state=True)
             y = y.to(hidden.device)
         else:
             y = selective_scan_reference(u.float(), delta, A, B.float(), C.float(), self.D.float())
