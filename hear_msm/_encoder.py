@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CONFIG_FORMAT_VERSION = 1
@@ -253,3 +254,16 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+
+def causal_conv1d_stream(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv over one segment of a longer sequence (Mamba's and mLSTM's short conv).
+
+    inputs [B, C, L] channels first; weight [C, 1, k]; tail: the previous segment's last k - 1
+    inputs [B, C, k - 1], or None at the start (zeros, as the one-shot causal conv pads).
+    Returns (outputs [B, C, L], the tail to pass to the next segment).
+    """
+    pad = weight.shape[-1] - 1
+    tail = inputs.new_zeros(*inputs.shape[:2], pad) if tail is None else tail
+    inputs = torch.cat([tail, inputs], dim=2)
+    return F.conv1d(inputs, weight, bias, groups=inputs.shape[1]), inputs[..., inputs.shape[2] - pad:]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._encoder import EncoderConfig, MaskedSpectrogramModel
+from ._encoder import EncoderConfig, MaskedSpectrogramModel, causal_conv1d_stream
 from ._registry import register_family, register_model
 
 KERNELS = ("auto", "cuda", "cpu", "reference")
@@ -155,12 +155,10 @@ class MambaMixer(nn.Module):
             if not hidden.is_cuda:
                 u = u.contiguous()  # one copy here instead of one in x_proj and one in the CPU scan
         else:
-            conv_in = u.transpose(1, 2)  # [B, E, L]
-            tail = state[0] if state else conv_in.new_zeros(*conv_in.shape[:2], self.config.d_conv - 1)
-            conv_in = torch.cat([tail, conv_in], dim=2)  # the previous segment's last d_conv - 1 inputs
-            new_tail = conv_in[..., conv_in.shape[2] - (self.config.d_conv - 1):]
-            u = F.silu(F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=conv_in.shape[1]))
-            u = u.transpose(1, 2).contiguous()
+            # continue from the previous segment's last d_conv - 1 inputs
+            u, new_tail = causal_conv1d_stream(u.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                                               state[0] if state else None)
+            u = F.silu(u).transpose(1, 2).contiguous()
             ssm_state = state[1] if state else None
         dt, B, C = self.x_proj(u).split([rank, n, n], dim=-1)
         A = -torch.exp(self.A_log.float())

@@ -42,7 +42,7 @@ def _import_mlstm_layer():
 
 mLSTMLayer, mLSTMLayerConfig = _import_mlstm_layer()
 
-from ._encoder import EncoderConfig, MaskedSpectrogramModel
+from ._encoder import EncoderConfig, MaskedSpectrogramModel, causal_conv1d_stream
 from ._registry import register_family, register_model
 
 
@@ -134,7 +134,9 @@ def mlstm_layer_forward(layer: nn.Module, x: torch.Tensor, state: tuple | None =
     x_mlstm, z = torch.split(layer.proj_up(x), cfg._inner_embedding_dim, dim=-1)
     if carry:
         conv_state, cell_state = state if state is not None else (None, ())
-        x_conv, conv_state = _causal_conv_stream(layer.conv1d, x_mlstm, conv_state)
+        x_conv, conv_state = causal_conv1d_stream(x_mlstm.transpose(1, 2), layer.conv1d.conv.weight,
+                                                  layer.conv1d.conv.bias, conv_state)
+        x_conv = x_conv.transpose(1, 2)
     else:
         x_conv, cell_state = layer.conv1d(x_mlstm), None
     x_conv = layer.conv_act_fn(x_conv)
@@ -155,17 +157,6 @@ def mlstm_layer_forward(layer: nn.Module, x: torch.Tensor, state: tuple | None =
     h = (h + layer.learnable_skip * x_conv) * layer.ogate_act_fn(z)
     out = layer.proj_down(h)
     return (out, (conv_state, cell_state)) if carry else out
-
-
-def _causal_conv_stream(conv: nn.Module, x: torch.Tensor, tail: torch.Tensor | None):
-    """xlstm's CausalConv1d on [B, L, F] continuing from `tail` (the last k - 1 inputs, or None)."""
-    weight, bias = conv.conv.weight, conv.conv.bias
-    pad = weight.shape[-1] - 1
-    inputs = x.transpose(1, 2)  # [B, F, L]
-    tail = inputs.new_zeros(*inputs.shape[:2], pad) if tail is None else tail
-    inputs = torch.cat([tail, inputs], dim=2)
-    out = F.conv1d(inputs, weight, bias, groups=inputs.shape[1])
-    return out.transpose(1, 2), inputs[..., inputs.shape[2] - pad:]
 
 
 class XLSTMBlock(nn.Module):
