@@ -26,6 +26,8 @@ from ._registry import build_from_config, list_models, model_builder
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_METADATA_KEY = "hear_msm_config"
+# names accepted for the stored dtype of exported weights (None: keep the model's float32)
+EXPORT_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ACCEPTED = (
     'accepted weight sources: "" (the default tag), "<arch>.<tag>" (see `hear-msm list`), '
     '"hf://org/repo[@revision]", a folder or .safetensors file in hear_msm format '

@@ -9,13 +9,13 @@ import numpy as np
 
 
 def _cmd_list(args) -> int:
+    import torch
+
     import hear_msm
     from hear_msm._weights import default_tag, weight_tags
 
     print(f"{'model':<14} {'family':<12} {'params':>12}  {'default weights':<28} tags")
     for arch in hear_msm.list_models(args.pattern):
-        import torch
-
         with torch.device("meta"):
             model = hear_msm.create_model(arch)
         params = sum(p.numel() for p in model.state_dict().values())
@@ -84,14 +84,11 @@ def _cmd_embed(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    import torch
-
-    from hear_msm._weights import instantiate, load_weights, save_pretrained
+    from hear_msm._weights import EXPORT_DTYPES, instantiate, load_weights, save_pretrained
 
     weights = load_weights(args.checkpoint)
     model = instantiate(weights)
-    dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    out = save_pretrained(model, args.out_dir, dtype=dtype, overwrite=args.overwrite)
+    out = save_pretrained(model, args.out_dir, dtype=EXPORT_DTYPES[args.dtype], overwrite=args.overwrite)
     print(f"converted {weights.source} ({model.config.arch}) -> {out}")
     return 0
 

@@ -440,9 +440,9 @@ def _checkpoint_step(path: Path) -> int | str:
 
 def export(model, out: Path, config: TrainConfig, steps: int, loss: float, seconds: float, source=None) -> Path:
     """Write RUN/final in the hear_msm weights format (config.json + model.safetensors + card)."""
-    from ._weights import save_pretrained
+    from ._weights import EXPORT_DTYPES, save_pretrained
 
-    dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[config.export_dtype]
+    dtype = EXPORT_DTYPES[config.export_dtype]
     card = (
         f"---\nlibrary_name: hear_msm\ntags: [audio, hear, self-supervised, {model.config.family}]\n---\n\n"
         f"# {model.config.arch} pretrained with hear-msm pretrain\n\n"
