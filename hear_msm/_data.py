@@ -38,7 +38,7 @@ from ._frontend import SAMPLE_RATE, LogMelFrontend
 
 log = logging.getLogger("hear_msm.data")
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus")  # .opus: Ogg Opus, read by libsndfile >= 1.0.29
 SHARD_PATTERN = "shard-{:06d}.tar"
 
 

@@ -8,6 +8,9 @@ test: MuseScore_General_Lite), 1 s mono clips at 16 kHz, one note per clip:
                      families; evaluation pitch_acc, chroma_acc (as NSynth pitch in HEAR).
   gm_family-v1-dev   GM instrument family = program // 8 (14 melodic families, 2 programs each,
                      5 notes); evaluation top1_acc.
+  gm_pitch_wide-v1-dev, gm_family_wide-v1-dev   (only with --tasks; the probe tasks of
+                     scripts/probe_dev_tasks.py) the same, larger: MIDI 36..84 (49 classes) x 16
+                     programs of 8 pitched families; 14 families x all 8 programs x 5 notes.
   gm_onsets-v1-dev   (only with --tasks gm_onsets) an event task: 4 s clips holding three 0.5 s
                      notes of piano / organ / guitar / brass at random onsets; evaluation
                      event_onset_200ms_fms, segment_1s_er (exercises heareval's event path).
@@ -20,6 +23,7 @@ at 16 kHz (reverb and chorus off), then cut into clips and peak-normalised to 0.
 
     python scripts/build_dev_tasks.py --out dev_tasks             # both tasks (about 1 min)
     python scripts/build_dev_tasks.py --out dev_tasks --tasks gm_pitch --max-programs 4
+    python scripts/build_dev_tasks.py --out probe_tasks --tasks gm_pitch_wide,gm_family_wide
 
 Needs: Python with numpy + soundfile, a Debian-based system with apt lists (`apt-get update`
 once if `apt-get download` cannot find the packages). Downloads ~90 MB once
@@ -87,7 +91,27 @@ TASKS = {
         label="family",
         evaluation=("top1_acc",),
     ),
+    # The probe tasks used to judge pretrained weights (scripts/probe_dev_tasks.py): about four
+    # times the clips of the two above, so one clip is ~0.1-0.2 points, and a pitch range wide
+    # enough (49 classes, as NSynth pitch in HEAR) that no feature set saturates it.
+    "gm_pitch_wide": TaskSpec(
+        name="gm_pitch_wide-v1-dev",
+        # two programs from each of eight pitched families: piano, chromatic percussion, organ,
+        # guitar, strings, brass, reed, pipe (no bass/pads/effects: their range or attack blurs pitch)
+        programs=(0, 4, 8, 11, 16, 19, 24, 26, 40, 48, 56, 61, 65, 71, 73, 79),
+        notes=tuple(range(36, 85)),
+        label="note",
+        evaluation=("pitch_acc", "chroma_acc"),
+    ),
+    "gm_family_wide": TaskSpec(
+        name="gm_family_wide-v1-dev",
+        programs=tuple(range(8 * len(FAMILIES))),   # all eight programs of each melodic family
+        notes=(43, 48, 55, 60, 67),
+        label="family",
+        evaluation=("top1_acc",),
+    ),
 }
+DEFAULT_TASKS = ("gm_pitch", "gm_family")
 
 
 # ------------------------------------------------------------------------------ Debian packages
@@ -325,8 +349,9 @@ def default_cache() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="tasks folder to write into")
-    parser.add_argument("--tasks", default=",".join(TASKS),
-                        help=f"comma-separated subset of {list(TASKS) + ['gm_onsets']} (gm_onsets: event task, not default)")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                        help=f"comma-separated subset of {list(TASKS) + ['gm_onsets']} (default: "
+                             f"{','.join(DEFAULT_TASKS)}; the *_wide probe tasks and gm_onsets on request)")
     parser.add_argument("--event-clips", type=int, default=40, help="clips per split of gm_onsets")
     parser.add_argument("--max-programs", type=int, default=None,
                         help="use at most this many GM programs per task (smaller, faster tasks)")

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import soundfile as sf
 
-# Debian 12 (bookworm) main. Recorded speech in five languages, spoken letters in ~20 languages,
-# spoken words, game music and dialogue, instrument and drum samples.
+# Debian 12 (bookworm) main. Recorded speech in five languages (8 kHz telephone prompts), spoken
+# letters in ~20 languages, spoken words, game music and dialogue, instrument and drum samples,
+# and full-band recorded music (orchestral and electronic game soundtracks, guitar rock songs,
+# LMMS instrument samples) so that the upper half of the mel range is not mostly empty.
 DEFAULT_PACKAGES = [
     "asterisk-core-sounds-en-wav=1.6.1-1",
     "asterisk-core-sounds-es-wav=1.6.1-1",
@@ -35,8 +37,15 @@ DEFAULT_PACKAGES = [
     "ktuberling-data=4:22.12.3-1",
     "fillets-ng-data=1.0.1-1.1",
     "sonic-pi-samples=3.2.2~repack-8",
+    "wesnoth-1.16-music=1:1.16.9-1",
+    "warzone2100-music=4.3.3-3",
+    "fretsonfire-songs-muldjord=2.dfsg-2.1",
+    "fretsonfire-songs-sectoid=1.dfsg-3.1",
+    "frozen-bubble-data=2.212-11",
+    "extremetuxracer-data=0.8.2-1",
+    "lmms-common=1.2.2+dfsg1-6",
 ]
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus")  # .opus: Ogg Opus, read by libsndfile >= 1.0.29
 
 
 def sha256(path: Path) -> str:

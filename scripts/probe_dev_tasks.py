@@ -73,14 +73,24 @@ def embed(name: str, make, audio: dict[str, torch.Tensor], cache: Path | None) -
     return out
 
 
-def probe(features: dict[str, np.ndarray], labels: dict[str, list[str]]) -> dict[str, float]:
+def probe(features: dict[str, np.ndarray], labels: dict[str, list[str]],
+          c_grid: tuple[float, ...] = (1.0,)) -> dict[str, float]:
+    """Fit on train for every C of `c_grid`, keep the C with the best valid accuracy, score test.
+
+    With a grid, `valid` is the selected (optimistic) score and `test` the honest one."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    classifier = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
-    classifier.fit(features["train"], labels["train"])
-    return {split: float(classifier.score(features[split], labels[split])) for split in ("valid", "test")}
+    best = None
+    for c in c_grid:
+        classifier = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+        classifier.fit(features["train"], labels["train"])
+        valid = float(classifier.score(features["valid"], labels["valid"]))
+        if best is None or valid > best[0]:
+            best = (valid, c, classifier)
+    valid, c, classifier = best
+    return {"valid": valid, "test": float(classifier.score(features["test"], labels["test"])), "C": c}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="shipped | random | any weight source (applied to every model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init models")
     parser.add_argument("--cache", type=Path, help="cache embeddings here (reruns skip finished models)")
+    parser.add_argument("--c-grid", type=float, nargs="+", default=[1.0],
+                        help="inverse L2 strengths tried; the best on valid is scored on test (default: C=1 only)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -113,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             if weights == "random" and args.seed != 0:
                 label += f"{args.seed}"
             features = embed(f"{task_name}__{label}", make, audio, args.cache)
-            scores = probe(features, labels)
+            scores = probe(features, labels, tuple(args.c_grid))
             results.append({"task": task_name, "model": arch, "weights": weights,
                             "seed": args.seed if weights == "random" else None, **scores,
                             "dim": int(features["train"].shape[1])})
-            print(f"  {label:<28} valid {scores['valid']:.3f}  test {scores['test']:.3f}", file=sys.stderr, flush=True)
+            print(f"  {label:<28} valid {scores['valid']:.3f}  test {scores['test']:.3f}  (C={scores['C']:g})",
+                  file=sys.stderr, flush=True)
 
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{'task':<18} {'model':<16} {'weights':<10} {'valid':>6} {'test':>6}")
