@@ -1,4 +1,4 @@
-"""A compiled selective scan for CPU inference, built on first use with the system C compiler.
+"""A compiled selective scan (forward and backward) for CPU, built on first use with the system C compiler.
 
 Why: the PyTorch reference scan spends most of SSAM's CPU time materialising [B, L, E, N]
 decay and drive tensors and launching two small ops per time step (benchmarks/README.md). This
@@ -6,11 +6,15 @@ kernel fuses the whole recurrence into one loop that keeps the state [E, N] of o
 
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t,    y_t = h_t . C_t + D * u_t
 
-It is ~60 lines of C with no Python or torch headers, so it compiles in well under a second
+The forward is ~40 lines of C with no Python or torch headers, so it compiles in well under a second
 with any `cc`; the shared library is cached under `$HEAR_MSM_CACHE` (default
 `~/.cache/hear_msm`), keyed by a hash of source and flags. `exp` is a Cephes-style polynomial
 (relative error ~1e-7 for the non-positive arguments the scan produces) so that the inner loop
-vectorises. Forward only: gradients use the PyTorch reference. Parity: tests/test_speed_paths.py.
+vectorises. Training: a compiled backward (the adjoint recursion run backwards in time, with the
+states recomputed per channel rather than stored; see the comment at BACKWARD) wrapped in a
+torch.autograd.Function (`selective_scan_cpu_autograd`), which replaces the reference scan's
+autograd graph of ~5 [batch, E, N] tensors per time step (14 GB for ssam_tiny at batch 8).
+Parity: tests/test_speed_paths.py, tests/test_scan_backward.py.
 
 The library is linked without -ffast-math: gcc would otherwise link crtfastmath.o, which turns
 on flush-to-zero for the whole process when the library is loaded.
@@ -32,6 +36,7 @@ from pathlib import Path
 import torch
 
 _SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -58,27 +63,29 @@ static inline float exp_nonpositive(float x) {
 /* u, delta, y: [batch, length, inner]; A: [inner, nstate]; B, C: [batch, length, nstate];
    D: [inner]; state: [batch, inner, nstate], read as h_0 and overwritten with h_length.
    Channels [e_begin, e_end) only, so that threads can split the channels. NS > 0 fixes the
-   state size at compile time (the inner loop then vectorises without a remainder). */
-#define KERNEL(NAME, NS)                                                                        \
-static void NAME(const float *restrict u, const float *restrict delta, const float *restrict A, \
-                 const float *restrict B, const float *restrict C, const float *restrict D,     \
-                 float *restrict y, float *restrict state, long batch, long length, long inner, \
+   state size at compile time (the inner loop then vectorises without a remainder). T and EXP
+   are the float type and its exp: float32 is the model's path; the float64 copy exists only
+   so that torch.autograd.gradcheck can test the backward below against finite differences. */
+#define KERNEL(NAME, T, EXP, NS)                                                                \
+static void NAME(const T *restrict u, const T *restrict delta, const T *restrict A,             \
+                 const T *restrict B, const T *restrict C, const T *restrict D,                 \
+                 T *restrict y, T *restrict state, long batch, long length, long inner,         \
                  long nstate_, long e_begin, long e_end) {                                       \
     const long nstate = NS ? NS : nstate_;                                                       \
     for (long b = 0; b < batch; ++b) {                                                           \
-        float *restrict h0 = state + b * inner * nstate;                                         \
+        T *restrict h0 = state + b * inner * nstate;                                             \
         for (long t = 0; t < length; ++t) {                                                      \
             const long row = b * length + t;                                                     \
-            const float *restrict ut = u + row * inner, *restrict dt = delta + row * inner;      \
-            const float *restrict Bt = B + row * nstate, *restrict Ct = C + row * nstate;        \
-            float *restrict yt = y + row * inner;                                                \
+            const T *restrict ut = u + row * inner, *restrict dt = delta + row * inner;          \
+            const T *restrict Bt = B + row * nstate, *restrict Ct = C + row * nstate;            \
+            T *restrict yt = y + row * inner;                                                    \
             for (long e = e_begin; e < e_end; ++e) {                                             \
-                const float d = dt[e], x = d * ut[e];                                            \
-                const float *restrict Ae = A + e * nstate;                                       \
-                float *restrict h = h0 + e * nstate;                                             \
-                float acc = 0.0f;                                                                \
+                const T d = dt[e], x = d * ut[e];                                                \
+                const T *restrict Ae = A + e * nstate;                                           \
+                T *restrict h = h0 + e * nstate;                                                 \
+                T acc = 0;                                                                       \
                 for (long n = 0; n < nstate; ++n) {                                              \
-                    const float hn = exp_nonpositive(d * Ae[n]) * h[n] + x * Bt[n];              \
+                    const T hn = EXP(d * Ae[n]) * h[n] + x * Bt[n];                              \
                     h[n] = hn;                                                                   \
                     acc += hn * Ct[n];                                                           \
                 }                                                                                \
@@ -87,9 +94,96 @@ static void NAME(const float *restrict u, const float *restrict delta, const flo
         }                                                                                        \
     }                                                                                            \
 }
-KERNEL(scan_n16, 16)
-KERNEL(scan_n24, 24)
-KERNEL(scan_any, 0)
+KERNEL(scan_n16, float, exp_nonpositive, 16)
+KERNEL(scan_n24, float, exp_nonpositive, 24)
+KERNEL(scan_any, float, exp_nonpositive, 0)
+KERNEL(scan_f64, double, exp, 0)
+
+/* Backward of the scan above. Given dy = dL/dy, with a_t = exp(delta_t A) and x_t = delta_t u_t,
+   the adjoint g_t = dL/dh_t runs backwards in time:
+       g_t = dy_t C_t + a_{t+1} g_{t+1}                       (g after the last step: 0)
+       dC_t += dy_t h_t                 dB_t += g_t x_t        (summed over channels)
+       dx_t = g_t . B_t                 s_t = g_t a_t h_{t-1}  (per state element)
+       du_t = dx_t delta_t + dy_t D     ddelta_t = dx_t u_t + s_t . A
+       dA += s_t delta_t                dD += dy_t u_t         dh_0 = a_1 g_1.
+   It needs h_{t-1} and a_t in reverse order. They are RECOMPUTED here, one channel of one clip
+   at a time, into `work` ([length + 1, nstate] states + [length, nstate] decays, 48 KB for
+   251 x 24 floats, so it stays in L1/L2), instead of being saved by the forward: saving them
+   would hold batch * inner * nstate * length floats per block until backward (1.3 GB for
+   ssam_tiny at batch 8, 12 blocks), whereas the recomputation costs one more forward's worth of
+   exp per step and no memory that grows with the batch or the depth. (Running the recursion
+   backwards, h_{t-1} = (h_t - x_t B_t) / a_t, is not an option: a_t underflows to 0.)
+   Recomputing per channel makes u, delta, dy, du, ddelta strided reads and writes (stride
+   inner), but each cache line is reused by the next 15 channels, so that costs little.
+   Threads own channels [e_begin, e_end): du, ddelta, dA, dD and dh0 rows are theirs alone; dB
+   and dC sum over channels, so each thread gets its own [batch, length, nstate] pair, summed
+   by the caller. h0 and dh0 may be NULL (zero initial state; its gradient not wanted). */
+#define BACKWARD(NAME, T, EXP, NS)                                                              \
+static void NAME(const T *restrict u, const T *restrict delta, const T *restrict A,             \
+                 const T *restrict B, const T *restrict C, const T *restrict D,                 \
+                 const T *restrict h0, const T *restrict dy, T *restrict du,                    \
+                 T *restrict ddelta, T *restrict dA, T *restrict dB, T *restrict dC,            \
+                 T *restrict dD, T *restrict dh0, T *restrict work, long batch, long length,    \
+                 long inner, long nstate_, long e_begin, long e_end) {                           \
+    const long nstate = NS ? NS : nstate_;                                                       \
+    T *restrict hs = work;                                   /* h_0 .. h_length */               \
+    T *restrict decay = work + (length + 1) * nstate;        /* a_1 .. a_length */               \
+    T *restrict g = decay + length * nstate;                 /* the adjoint, [nstate] */         \
+    for (long b = 0; b < batch; ++b) {                                                           \
+        const T *restrict Bb = B + b * length * nstate, *restrict Cb = C + b * length * nstate;  \
+        T *restrict dBb = dB + b * length * nstate, *restrict dCb = dC + b * length * nstate;    \
+        for (long e = e_begin; e < e_end; ++e) {                                                 \
+            const T *restrict Ae = A + e * nstate;                                               \
+            T *restrict dAe = dA + e * nstate;                                                   \
+            for (long n = 0; n < nstate; ++n)                                                    \
+                hs[n] = h0 ? h0[(b * inner + e) * nstate + n] : 0;                               \
+            for (long t = 0; t < length; ++t) {                                                  \
+                const long i = (b * length + t) * inner + e;                                     \
+                const T d = delta[i], x = d * u[i];                                              \
+                const T *restrict prev = hs + t * nstate, *restrict Bt = Bb + t * nstate;        \
+                T *restrict next = hs + (t + 1) * nstate, *restrict a = decay + t * nstate;      \
+                for (long n = 0; n < nstate; ++n) {                                              \
+                    const T an = EXP(d * Ae[n]);                                                 \
+                    a[n] = an;                                                                   \
+                    next[n] = an * prev[n] + x * Bt[n];                                          \
+                }                                                                                \
+            }                                                                                    \
+            for (long n = 0; n < nstate; ++n)                                                    \
+                g[n] = 0;                                                                        \
+            T dDe = 0;                                                                           \
+            for (long t = length - 1; t >= 0; --t) {                                             \
+                const long i = (b * length + t) * inner + e;                                     \
+                const T d = delta[i], ut = u[i], x = d * ut, gy = dy[i];                         \
+                const T *restrict prev = hs + t * nstate, *restrict now = hs + (t + 1) * nstate; \
+                const T *restrict a = decay + t * nstate;                                        \
+                const T *restrict Bt = Bb + t * nstate, *restrict Ct = Cb + t * nstate;          \
+                T *restrict dBt = dBb + t * nstate, *restrict dCt = dCb + t * nstate;            \
+                T dx = 0, ds = 0;                                                                \
+                for (long n = 0; n < nstate; ++n) {                                              \
+                    const T gn = g[n] + gy * Ct[n];                                              \
+                    const T s = gn * a[n] * prev[n];                                             \
+                    dCt[n] += gy * now[n];                                                       \
+                    dBt[n] += gn * x;                                                            \
+                    dx += gn * Bt[n];                                                            \
+                    ds += s * Ae[n];                                                             \
+                    dAe[n] += s * d;                                                             \
+                    g[n] = gn * a[n];                                                            \
+                }                                                                                \
+                du[i] = dx * d + gy * D[e];                                                      \
+                ddelta[i] = dx * ut + ds;                                                        \
+                dDe += gy * ut;                                                                  \
+            }                                                                                    \
+            dD[e] += dDe;                                                                        \
+            if (dh0)                                                                             \
+                for (long n = 0; n < nstate; ++n)                                                \
+                    dh0[(b * inner + e) * nstate + n] = g[n];                                    \
+        }                                                                                        \
+    }                                                                                            \
+}
+BACKWARD(backward_n16, float, exp_nonpositive, 16)
+BACKWARD(backward_n24, float, exp_nonpositive, 24)
+BACKWARD(backward_any, float, exp_nonpositive, 0)
+BACKWARD(backward_f64, double, exp, 0)
 
 void hear_msm_selective_scan(const float *u, const float *delta, const float *A, const float *B,
                              const float *C, const float *D, float *y, float *state, long batch,
@@ -100,6 +194,36 @@ void hear_msm_selective_scan(const float *u, const float *delta, const float *A,
         scan_n24(u, delta, A, B, C, D, y, state, batch, length, inner, nstate, e_begin, e_end);
     else
         scan_any(u, delta, A, B, C, D, y, state, batch, length, inner, nstate, e_begin, e_end);
+}
+
+void hear_msm_selective_scan_f64(const double *u, const double *delta, const double *A, const double *B,
+                                 const double *C, const double *D, double *y, double *state, long batch,
+                                 long length, long inner, long nstate, long e_begin, long e_end) {
+    scan_f64(u, delta, A, B, C, D, y, state, batch, length, inner, nstate, e_begin, e_end);
+}
+
+#define BACKWARD_ARGS u, delta, A, B, C, D, h0, dy, du, ddelta, dA, dB, dC, dD, dh0, work, batch, length, \
+                      inner, nstate, e_begin, e_end
+void hear_msm_selective_scan_backward(const float *u, const float *delta, const float *A, const float *B,
+                                      const float *C, const float *D, const float *h0, const float *dy,
+                                      float *du, float *ddelta, float *dA, float *dB, float *dC, float *dD,
+                                      float *dh0, float *work, long batch, long length, long inner,
+                                      long nstate, long e_begin, long e_end) {
+    if (nstate == 16)
+        backward_n16(BACKWARD_ARGS);
+    else if (nstate == 24)
+        backward_n24(BACKWARD_ARGS);
+    else
+        backward_any(BACKWARD_ARGS);
+}
+
+void hear_msm_selective_scan_backward_f64(const double *u, const double *delta, const double *A,
+                                          const double *B, const double *C, const double *D,
+                                          const double *h0, const double *dy, double *du, double *ddelta,
+                                          double *dA, double *dB, double *dC, double *dD, double *dh0,
+                                          double *work, long batch, long length, long inner, long nstate,
+                                          long e_begin, long e_end) {
+    backward_f64(BACKWARD_ARGS);
 }
 """
 
@@ -134,11 +258,17 @@ def _build() -> ctypes.CDLL:
             source, obj, lib = Path(tmp, "scan.c"), Path(tmp, "scan.o"), Path(tmp, "scan.so")
             source.write_text(_SOURCE)
             subprocess.run([compiler, *flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True)
-            subprocess.run([compiler, "-shared", str(obj), "-o", str(lib)], check=True, capture_output=True)
+            # -lm: the float64 copy calls libm's exp (its linker script also brings libmvec, which
+            # gcc may use to vectorise it); the float32 path needs neither
+            subprocess.run([compiler, "-shared", str(obj), "-o", str(lib), "-lm"], check=True, capture_output=True)
             os.replace(lib, target)  # atomic: concurrent builders never see a half-written file
     library = ctypes.CDLL(str(target))
-    library.hear_msm_selective_scan.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 6
-    library.hear_msm_selective_scan.restype = None
+    for name in ("hear_msm_selective_scan", "hear_msm_selective_scan_f64"):
+        getattr(library, name).argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 6
+        getattr(library, name).restype = None
+    for name in ("hear_msm_selective_scan_backward", "hear_msm_selective_scan_backward_f64"):
+        getattr(library, name).argtypes = [ctypes.c_void_p] * 16 + [ctypes.c_long] * 6
+        getattr(library, name).restype = None
     return library
 
 
@@ -166,32 +296,108 @@ def selective_scan_cpu(u, delta, A, B, C, D, state: torch.Tensor | None = None):
     """Compiled selective scan; same contract as `selective_scan_reference(..., return_state=True)`.
 
     u, delta: [batch, L, E]; A: [E, N]; B, C: [batch, L, N]; D: [E]; state: [batch, E, N] or
-    None (zeros). Returns (y [batch, L, E] float32, final state [batch, E, N] float32). No autograd.
+    None (zeros). Returns (y [batch, L, E] float32, final state [batch, E, N] float32). No autograd
+    (see `selective_scan_cpu_autograd` for training).
     """
+    return _forward(_library_or_raise(), (u, delta, A, B, C, D), state, torch.float32)
+
+
+def selective_scan_cpu_autograd(u, delta, A, B, C, D):
+    """Compiled selective scan with a compiled backward: y [batch, L, E] from a zero initial state,
+    differentiable in u, delta, A, B, C and D. Computes in float64 when u is float64 (for
+    gradcheck), else in float32 like `selective_scan_cpu`; gradients come back in each input's dtype."""
+    return _SelectiveScan.apply(u, delta, A, B, C, D)
+
+
+def _library_or_raise() -> ctypes.CDLL:
     library = load_library()
     if library is None:
         raise RuntimeError("the compiled CPU selective scan is not available")
-    tensors = [t.detach().to(torch.float32).contiguous() for t in (u, delta, A, B, C, D)]
+    return library
+
+
+def _split_channels(inner: int, work: int) -> list[tuple[int, int]]:
+    """Channel ranges, one per thread. ctypes releases the GIL, so threads can run the C loops
+    at once; small problems stay on the calling thread (the pool round-trip would dominate)."""
+    threads = max(1, min(torch.get_num_threads(), inner // 64))
+    if threads == 1 or work < 1 << 16:
+        return [(0, inner)]
+    bounds = [inner * i // threads for i in range(threads + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _run(function, ranges: list[tuple[int, int]], per_range) -> None:
+    """function(*per_range(index, lo, hi)) for each channel range, on the pool if more than one."""
+    if len(ranges) == 1:
+        function(*per_range(0, *ranges[0]))
+        return
+    pool = _thread_pool(len(ranges))
+    jobs = [pool.submit(function, *per_range(i, lo, hi)) for i, (lo, hi) in enumerate(ranges)]
+    for job in jobs:
+        job.result()
+
+
+def _forward(library, inputs, state, dtype):
+    tensors = [t.detach().to(dtype).contiguous() for t in inputs]
     batch, length, inner = tensors[0].shape
     nstate = tensors[2].shape[1]
     if state is None:
-        state = torch.zeros(batch, inner, nstate)
+        state = torch.zeros(batch, inner, nstate, dtype=dtype)
     else:
-        state = state.detach().to(torch.float32).contiguous().clone()
-    y = torch.empty(batch, length, inner)
+        state = state.detach().to(dtype).contiguous().clone()
+    y = torch.empty(batch, length, inner, dtype=dtype)
     pointers = [t.data_ptr() for t in (*tensors, y, state)]
-    # ctypes releases the GIL: threads split the channels (each owns a slice of y and state)
-    threads = max(1, min(torch.get_num_threads(), inner // 64))
-    if threads == 1 or batch * length * inner < 1 << 16:
-        library.hear_msm_selective_scan(*pointers, batch, length, inner, nstate, 0, inner)
-    else:
-        bounds = [inner * i // threads for i in range(threads + 1)]
-        pool = _thread_pool(threads)
-        jobs = [pool.submit(library.hear_msm_selective_scan, *pointers, batch, length, inner, nstate, lo, hi)
-                for lo, hi in zip(bounds[:-1], bounds[1:])]
-        for job in jobs:
-            job.result()
+    function = library.hear_msm_selective_scan_f64 if dtype == torch.float64 else library.hear_msm_selective_scan
+    # each thread owns a slice of the channels of y and state
+    _run(function, _split_channels(inner, batch * length * inner),
+         lambda i, lo, hi: (*pointers, batch, length, inner, nstate, lo, hi))
     return y, state
+
+
+def _backward(library, inputs, dy, dtype):
+    """Gradients (du, ddelta, dA, dB, dC, dD) of sum(dy * y) for a zero initial state."""
+    u, delta, A, B, C, D = inputs
+    batch, length, inner = u.shape
+    nstate = A.shape[1]
+    dy = dy.to(dtype).contiguous()
+    du, ddelta = torch.empty_like(u), torch.empty_like(u)
+    dA, dD = torch.zeros_like(A), torch.zeros_like(D)
+    ranges = _split_channels(inner, batch * length * inner)
+    # dB and dC sum over channels: one zeroed pair per thread, added up below
+    dB = torch.zeros(len(ranges), batch, length, nstate, dtype=dtype)
+    dC = torch.zeros_like(dB)
+    work = torch.empty(len(ranges), (2 * length + 2) * nstate, dtype=dtype)  # see BACKWARD in the C
+    shared = [t.data_ptr() for t in (u, delta, A, B, C, D)]
+    function = (library.hear_msm_selective_scan_backward_f64 if dtype == torch.float64
+                else library.hear_msm_selective_scan_backward)
+    _run(function, ranges, lambda i, lo, hi: (
+        *shared, None, dy.data_ptr(), du.data_ptr(), ddelta.data_ptr(), dA.data_ptr(), dB[i].data_ptr(),
+        dC[i].data_ptr(), dD.data_ptr(), None, work[i].data_ptr(), batch, length, inner, nstate, lo, hi))
+    return du, ddelta, dA, dB.sum(0), dC.sum(0), dD
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """The compiled forward (the same C loop as inference) and the compiled backward.
+
+    Saves only the six inputs (delta, B and C are [batch, L, E or N], small next to the
+    [batch, L, E, N] states); the backward recomputes the states one channel at a time."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D):
+        dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+        library = _library_or_raise()
+        inputs = [t.detach().to(dtype).contiguous() for t in (u, delta, A, B, C, D)]
+        y, _ = _forward(library, inputs, None, dtype)
+        ctx.save_for_backward(*inputs)
+        ctx.dtypes = [t.dtype for t in (u, delta, A, B, C, D)]
+        ctx.library, ctx.dtype = library, dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        grads = _backward(ctx.library, ctx.saved_tensors, dy, ctx.dtype)
+        return tuple(g.to(dtype) if needed else None
+                     for g, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad))
 
 
 def _thread_pool(threads: int) -> ThreadPoolExecutor:

@@ -8,8 +8,9 @@ The mixer is plain PyTorch with mamba-ssm's parameter names (`A_log`, `D`, `in_p
 `x_proj`, `dt_proj`, `out_proj`). On CUDA, when mamba-ssm is installed (`hear_msm[cuda]`), the
 selective scan runs in its fused kernel instead; both paths take the same inputs. mamba-ssm is
 never imported on a machine without CUDA (its import needs Triton and the CUDA extension).
-On CPU, inference (no gradient) uses a small compiled C scan (`_cpu_scan.py`, built on first use
-with the system compiler, ~10x faster than the PyTorch reference; see benchmarks/README.md).
+On CPU, inference and training use a small compiled C scan with its own backward (`_cpu_scan.py`,
+built on first use with the system compiler, ~10x faster than the PyTorch reference and without
+its per-step autograd tensors; see benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -95,18 +96,18 @@ def use_cuda_kernel(kernel: str, tensor_is_cuda: bool, kernel_loader: Callable =
 
 
 def use_cpu_kernel(kernel: str, tensor_is_cuda: bool, needs_grad: bool, kernel_loader: Callable | None = None) -> bool:
-    """Compiled CPU scan (forward only) or the PyTorch reference, for tensors not on CUDA.
+    """Compiled CPU scan or the PyTorch reference, for tensors not on CUDA.
 
-    `auto` takes it for CPU tensors when no gradient is needed and it builds; `cpu` demands it
-    (clear error when on CUDA, when gradients are needed, or when it cannot be built).
+    `auto` takes it for CPU tensors when it builds (one warning and the reference otherwise);
+    `cpu` demands it (clear error when on CUDA or when it cannot be built). With or without
+    gradients: the compiled scan has a compiled backward (`needs_grad` picks which entry point
+    `_mix` calls, not whether the kernel may be used).
     """
-    if kernel not in ("auto", "cpu") or tensor_is_cuda or (needs_grad and kernel == "auto"):
+    del needs_grad  # both directions are compiled
+    if kernel not in ("auto", "cpu") or tensor_is_cuda:
         if kernel == "cpu" and tensor_is_cuda:
             raise ValueError("kernel='cpu' needs CPU tensors; use kernel='auto' or 'cuda' on a GPU")
         return False
-    if needs_grad:
-        raise ValueError("kernel='cpu' is forward-only (inference); use kernel='auto' or 'reference' "
-                         "to train, or run under torch.no_grad()")
     if kernel_loader is None:
         from ._cpu_scan import load_library as kernel_loader
     available = kernel_loader() is not None
@@ -162,12 +163,19 @@ class MambaMixer(nn.Module):
             ssm_state = state[1] if state else None
         dt, B, C = self.x_proj(u).split([rank, n, n], dim=-1)
         A = -torch.exp(self.A_log.float())
-        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or self.A_log.requires_grad)
+        # any trainable parameter counts: the inference scan detaches its inputs
+        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))
         if state is None and use_cuda_kernel(self.kernel, hidden.is_cuda):
             y = self._cuda_scan(u, dt, A, B, C, gate)
             return self.out_proj(y), None
         delta = F.softplus(self.dt_proj(dt).float())
-        if state is not None or use_cpu_kernel(self.kernel, hidden.is_cuda, needs_grad):
+        if state is None and needs_grad and use_cpu_kernel(self.kernel, hidden.is_cuda, needs_grad):
+            from ._cpu_scan import selective_scan_cpu_autograd
+
+            # training: compiled forward and backward; the conv, dt_proj + softplus, A = -exp(A_log)
+            # and the z gate below stay in PyTorch, so autograd differentiates them as before
+            y = selective_scan_cpu_autograd(u, delta, A, B, C, self.D)
+        elif state is not None or use_cpu_kernel(self.kernel, hidden.is_cuda, needs_grad):
             from ._cpu_scan import selective_scan_cpu, load_library
 
             if load_library() is not None and not hidden.is_cuda:
