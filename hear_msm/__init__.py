@@ -38,9 +38,12 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
     pretrained: False (random init), True (the architecture's default tag) or any weight
         source accepted by `load_model` (path, "hf://org/repo@rev", tag). Weights must match
         the architecture exactly; a checkpoint of another family or size is an error.
-    kernel: "auto" | "cuda" | "cpu" | "reference", the selective-scan implementation (SSAM only):
+    kernel: "auto" | "cuda" | "cpu" | "reference", the selective-scan implementation (SSAM):
         "auto" takes mamba-ssm's fused kernel on CUDA and the compiled CPU scan for inference on
         CPU, else the PyTorch reference; "cpu" (inference only) and "cuda" demand their kernel.
+        For AxLSTM the mLSTM gate kernel (`hear_msm.xlstm.set_mlstm_kernel`): "auto" takes the
+        compiled CPU kernel for inference on CPU (bit-identical), "cpu" demands it, "cuda" and
+        "reference" keep xlstm's PyTorch form.
     """
     from ._registry import model_builder
 

@@ -15,6 +15,10 @@ xlstm's mLSTM runs in its parallel form: an S x S gate matrix, quadratic in leng
 the same function in time and memory linear in S: exact attention inside chunks of 64 tokens, a
 carried matrix memory (C, n, m) between them. Its stabiliser m equals the parallel form's
 row-wise maximum, so the two agree to float rounding (tests/test_speed_paths.py).
+
+On CPU without gradients the parallel form's gate-matrix work runs in a small compiled kernel
+(`_cpu_mlstm`, `kernel="auto"`, see `set_mlstm_kernel`): bit-identical to xlstm's PyTorch form,
+~2.2x faster per cell (benchmarks/README.md, note 11).
 """
 from __future__ import annotations
 
@@ -41,7 +45,9 @@ def _import_mlstm_layer():
 
 
 mLSTMLayer, mLSTMLayerConfig = _import_mlstm_layer()
+from xlstm.blocks.mlstm.backends import parallel_stabilized_simple  # noqa: E402  (after the quiet import)
 
+from . import _cpu_mlstm
 from ._encoder import EncoderConfig, MaskedSpectrogramModel, causal_conv1d_stream
 from ._registry import register_family, register_model
 
@@ -159,10 +165,50 @@ def mlstm_layer_forward(layer: nn.Module, x: torch.Tensor, state: tuple | None =
     return (out, (conv_state, cell_state)) if carry else out
 
 
+MLSTM_KERNELS = ("auto", "cpu", "fused", "reference")
+
+
+def use_cpu_mlstm_kernel(kernel: str, tensor_is_cuda: bool, needs_grad: bool, kernel_loader=None) -> bool:
+    """Compiled CPU gate kernel (forward only) or xlstm's PyTorch parallel form.
+
+    `auto` takes it for CPU tensors when no gradient is needed and it builds; `cpu` and `fused`
+    demand it (clear error on CUDA tensors, with gradients, or when it cannot be built);
+    `reference` (and `cuda`, which `create_model` may pass for the SSAM scan) never takes it.
+    """
+    if kernel not in ("auto", "cpu", "fused") or (kernel == "auto" and (tensor_is_cuda or needs_grad)):
+        return False
+    if tensor_is_cuda:
+        raise ValueError("kernel='cpu' needs CPU tensors; use kernel='auto' on a GPU")
+    if needs_grad:
+        raise ValueError("kernel='cpu' is forward-only (inference); use kernel='auto' or 'reference' "
+                         "to train, or run under torch.no_grad()")
+    available = (kernel_loader or _cpu_mlstm.load_library)() is not None
+    if kernel == "cpu" and not available:
+        raise ValueError("kernel='cpu' needs a C compiler (cc/gcc) to build the CPU mLSTM kernel on first "
+                         "use; use kernel='auto' or 'reference'")
+    return available
+
+
+class ParallelCellBackend:
+    """Stands in for `mLSTMCell.backend_fn` (xlstm's `parallel_stabilized_simple`), so that xlstm's
+    own layer and cell forward run unchanged around it; `kernel` is a runtime choice, not saved."""
+
+    def __init__(self, kernel: str = "auto"):
+        self.kernel = kernel
+
+    def __call__(self, queries, keys, values, igate_preact, fgate_preact, **kwargs):
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (queries, keys, values, igate_preact, fgate_preact))
+        if queries.dtype == torch.float32 and use_cpu_mlstm_kernel(self.kernel, queries.is_cuda, needs_grad):
+            return _cpu_mlstm.mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact,
+                                                 exact=self.kernel != "fused")
+        return parallel_stabilized_simple(queries, keys, values, igate_preact, fgate_preact, **kwargs)
+
+
 class XLSTMBlock(nn.Module):
     """x + mLSTM(norm(x)), read forward (`reverse=False`) or back to front."""
 
-    def __init__(self, config: XLSTMConfig, reverse: bool):
+    def __init__(self, config: XLSTMConfig, reverse: bool, kernel: str = "auto"):
         super().__init__()
         self.reverse = reverse
         self.form = "parallel"  # runtime choice, not saved: see `set_mlstm_form`
@@ -179,6 +225,7 @@ class XLSTMBlock(nn.Module):
                 context_length=1 + config.num_patches,
             )
         )
+        self.layer.mlstm_cell.backend_fn = ParallelCellBackend(kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
@@ -218,9 +265,28 @@ def set_mlstm_form(model: nn.Module, form: str) -> None:
             module.form = form
 
 
-def build_xlstm(config: XLSTMConfig, **runtime_options) -> MaskedSpectrogramModel:
-    """The mLSTM layers initialise themselves (xlstm's small-init / Wang init)."""
-    model = MaskedSpectrogramModel(config, lambda index: XLSTMBlock(config, reverse=index % 2 == 1))
+def set_mlstm_kernel(model: nn.Module, kernel: str) -> None:
+    """Runtime choice for the parallel form's gate-matrix work (2 s chunks; longer sequences run
+    `mlstm_chunkwise`):
+
+    "auto" (default): the compiled CPU kernel for inference on CPU, bit-identical to xlstm's
+        PyTorch form (which runs otherwise: with gradients, on GPU, or without a C compiler);
+    "cpu": demand that kernel (error with gradients or when it cannot be built);
+    "fused": opt-in, everything between the two matmuls in one C pass, ~10% faster per cell
+        but our exp and sum order (~1e-7 relative per cell, up to ~2e-5 on a whole model);
+    "reference": always xlstm's PyTorch form.
+    """
+    if kernel not in MLSTM_KERNELS:
+        raise ValueError(f"kernel must be one of {MLSTM_KERNELS}, got {kernel!r}")
+    for module in model.modules():
+        if isinstance(module, XLSTMBlock):
+            module.layer.mlstm_cell.backend_fn.kernel = kernel
+
+
+def build_xlstm(config: XLSTMConfig, kernel: str = "auto") -> MaskedSpectrogramModel:
+    """The mLSTM layers initialise themselves (xlstm's small-init / Wang init). `kernel` as in
+    `set_mlstm_kernel`; "cuda" (meant for SSAM's scan) means xlstm's PyTorch form here."""
+    model = MaskedSpectrogramModel(config, lambda index: XLSTMBlock(config, reverse=index % 2 == 1, kernel=kernel))
     model.reset_shared_parameters()
     return model
 

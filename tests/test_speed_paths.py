@@ -10,11 +10,11 @@ import torch
 from xlstm.blocks.mlstm.backends import parallel_stabilized_simple
 
 import hear_msm
-from hear_msm import _cpu_scan
+from hear_msm import _cpu_mlstm, _cpu_scan
 from hear_msm._encoder import sincos_2d_position_table
 from hear_msm._hear import HearModel, position_table
 from hear_msm.mamba import MambaConfig, MambaMixer, selective_scan_reference, set_kernel, use_cpu_kernel
-from hear_msm.xlstm import mlstm_chunkwise, set_mlstm_form
+from hear_msm.xlstm import mlstm_chunkwise, set_mlstm_form, set_mlstm_kernel, use_cpu_mlstm_kernel
 
 TOLERANCE = 1e-5
 
@@ -312,10 +312,105 @@ def test_axlstm_default_is_xlstm_parallel_form_bit_for_bit():
     with torch.no_grad():
         for block in model.blocks[:2]:
             h = block.norm(x)
+            default = block(x)
+            set_mlstm_kernel(block, "reference")  # xlstm's own cell backend, untouched
             expected = x + (block.layer(h.flip(1)).flip(1) if block.reverse else block.layer(h))
-            assert torch.equal(block(x), expected)
+            assert torch.equal(default, expected)
     with pytest.raises(ValueError, match="form"):
         set_mlstm_form(model, "fast")
+    with pytest.raises(ValueError, match="kernel"):
+        set_mlstm_kernel(model, "cuda")
+
+
+# ----------------------------------------------------------------------------- compiled mLSTM cell
+needs_mlstm_kernel = pytest.mark.skipif(_cpu_mlstm.load_library() is None,
+                                        reason="no C compiler to build the CPU mLSTM kernel")
+
+
+def _cell_inputs(batch, length, seed, extreme=False):
+    """AxLSTM-tiny's cell shapes (4 heads of 96), gates as in `_mlstm_inputs`; `extreme`: forget
+    gates from near 0 to strong decay and input gates wide enough that some stabilised log weights
+    fall below exp's float32 range (-87); ill-conditioned (xlstm's float32 form is then up to
+    ~4e-3 from float64), so only used for the bit-for-bit check."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, 4, length, 96, generator=gen) for _ in range(3))
+    igate = torch.randn(batch, 4, length, 1, generator=gen) * (12 if extreme else 1)
+    fgate = (2 + 3 * torch.randn(batch, 4, length, 1, generator=gen)) if extreme else \
+        (3 + 2 * torch.randn(batch, 4, length, 1, generator=gen))
+    return q, k, v, igate, fgate
+
+
+@needs_mlstm_kernel
+@pytest.mark.parametrize("length", [1, 2, 15, 16, 17, 64, 100, 250, 251])
+def test_cpu_mlstm_kernel_matches_xlstm_parallel_form(length):
+    """Default (exact) path: bit-identical to xlstm's float32 form. Opt-in fused path: within
+    1e-5 relative (measured ~1e-7 .. 1e-6), as close to a float64 run as xlstm's float32 form."""
+    for extreme in (False, True):
+        inputs = _cell_inputs(2, length, seed=length, extreme=extreme)
+        assert torch.equal(_cpu_mlstm.mlstm_parallel_cpu(*inputs), parallel_stabilized_simple(*inputs))
+    inputs = _cell_inputs(2, length, seed=length)
+    reference = parallel_stabilized_simple(*inputs)
+    fused = _cpu_mlstm.mlstm_parallel_cpu(*inputs, exact=False)
+    float64 = parallel_stabilized_simple(*(t.double() for t in inputs))
+    diff = _relative(fused, reference)
+    print(length, "fused vs xlstm fp32", diff, "fused vs fp64", _relative(fused, float64),
+          "xlstm fp32 vs fp64", _relative(reference, float64))
+    assert diff <= TOLERANCE
+
+
+@needs_mlstm_kernel
+def test_cpu_mlstm_kernel_threads_split_heads_exactly(monkeypatch):
+    inputs = _cell_inputs(3, 251, seed=7, extreme=True)
+    single = [_cpu_mlstm.mlstm_parallel_cpu(*inputs, exact=exact) for exact in (True, False)]
+    monkeypatch.setattr(_cpu_mlstm.torch, "get_num_threads", lambda: 5)  # 12 heads over 5 threads
+    split = [_cpu_mlstm.mlstm_parallel_cpu(*inputs, exact=exact) for exact in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(single, split))
+
+
+@needs_mlstm_kernel
+def test_whole_axlstm_auto_is_bit_identical_and_gradients_use_xlstm(monkeypatch):
+    torch.manual_seed(0)
+    model = hear_msm.create_model("axlstm_tiny").eval()
+    x = torch.randn(2, 1, 200, 80)
+    calls = []
+    kernel = _cpu_mlstm.mlstm_parallel_cpu
+    monkeypatch.setattr(_cpu_mlstm, "mlstm_parallel_cpu", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    with torch.no_grad():
+        fast = model.forward_features(x)
+        assert len(calls) == len(model.blocks)
+        set_mlstm_kernel(model, "fused")
+        fused = model.forward_features(x)
+        set_mlstm_kernel(model, "reference")
+        reference = model.forward_features(x)
+    assert len(calls) == 2 * len(model.blocks)
+    assert torch.equal(fast, reference)
+    print("axlstm_tiny fused vs reference, relative", _relative(fused, reference))
+    assert _relative(fused, reference) <= TOLERANCE
+    # with gradients, auto takes xlstm's PyTorch form
+    set_mlstm_kernel(model, "auto")
+    model.forward_features(x).sum().backward()
+    assert len(calls) == 2 * len(model.blocks)
+    set_mlstm_kernel(model, "cpu")
+    with pytest.raises(ValueError, match="forward-only"):
+        model.forward_features(x)
+
+
+def test_cpu_mlstm_kernel_dispatch():
+    present, absent = (lambda: object()), (lambda: None)
+    assert use_cpu_mlstm_kernel("auto", False, False, present) is True
+    assert use_cpu_mlstm_kernel("auto", False, False, absent) is False
+    assert use_cpu_mlstm_kernel("auto", False, True, present) is False  # gradients: xlstm's form
+    assert use_cpu_mlstm_kernel("auto", True, False, present) is False  # CUDA tensors: never
+    assert use_cpu_mlstm_kernel("reference", False, False, present) is False
+    assert use_cpu_mlstm_kernel("cuda", False, False, present) is False  # create_model's SSAM option
+    assert use_cpu_mlstm_kernel("cpu", False, False, present) is True
+    assert use_cpu_mlstm_kernel("fused", False, False, present) is True
+    with pytest.raises(ValueError, match="compiler"):
+        use_cpu_mlstm_kernel("cpu", False, False, absent)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        use_cpu_mlstm_kernel("fused", True, False, present)
+    with pytest.raises(ValueError, match="forward-only"):
+        use_cpu_mlstm_kernel("cpu", False, True, present)
 
 
 @pytest.mark.parametrize("positions", ["extend", "tile"])
