@@ -3,21 +3,26 @@
 Why: xlstm's `parallel_stabilized_simple` builds the S x S gate matrix of every head in ~10
 separate PyTorch passes (repeat, subtract a transposed copy, mask, add the input gates, row max,
 subtract, exp, multiply by QK^T, row sum, divide), each writing a 4 x 251 x 251 tensor per clip:
-more than half of AxLSTM-tiny's CPU time (benchmarks/README.md, note 11). This kernel does all of
-that for one row at a time in three passes over a row that stays in L1, in place on QK^T:
+more than half of AxLSTM-tiny's CPU time (benchmarks/README.md, note 12). The function, per head:
 
     logD[i, j] = (F[i+1] - F[j+1]) + ig[j]          j <= i, F = [0, cumsum(log sigmoid(fg))]
     m_i        = max_j logD[i, j]
     C[i, j]    = QK[i, j] * exp(logD[i, j] - m_i)    (0 above the diagonal)
-    out[i, j]  = C[i, j] / (max(|sum_j C[i, j]|, exp(-m_i)) + eps)
+    out[i, j]  = C[i, j] / (max(|sum_j C[i, j]|, exp(-m_i)) + eps),   h = out @ V
 
-QK^T and out @ V stay PyTorch matmuls (oneDNN/MKL are faster than anything this small C file
-could do), computed by exactly the same calls as xlstm, and F is computed by the same torch ops,
-so the only rounding differences from xlstm's form are exp (our polynomial vs PyTorch's, both
-~1 ulp), the order of the row sum, and libm's expf for the normaliser: ~1e-7 relative
-(tests/test_speed_paths.py). For the same reason the C is compiled WITHOUT -ffast-math and with
--ffp-contract=off: the subtractions, adds, products and divisions above must round exactly as
-PyTorch's elementwise ops do; only the reductions are vectorised by hand (16 independent lanes).
+QK^T and out @ V stay PyTorch matmuls (oneDNN/MKL beat anything this small C file could do),
+made by exactly xlstm's calls, and F by the same torch ops.
+
+Default (exact) path, bit-identical to xlstm's float32 result: C writes the stabilised log
+weights of the causal triangle, packed, and weighs QK^T in place; exp, the row sum, normaliser
+and division stay PyTorch ops on xlstm's shapes. Why not fuse those too: the official fixtures'
+random checkpoint amplifies any rounding change ~200x (a correctly rounded exp alone moves its
+outputs by 1.6e-4 > the 1e-4 test limit), so only exact rewrites are safe as the default.
+Opt-in fused path (`exact=False`): everything between the matmuls in three passes over a row
+that stays in L1 (our exp polynomial, a 16-lane row sum): ~1e-7 relative per cell, ~10% faster.
+The C is compiled WITHOUT -ffast-math and with -ffp-contract=off: its subtractions, adds,
+products and divisions must round exactly as PyTorch's elementwise ops do; the reductions are
+vectorised by hand (16 independent lanes; max is order-free, so still exact).
 
 Same build scheme as `_cpu_scan` (cached under `$HEAR_MSM_CACHE`, default ~/.cache/hear_msm,
 keyed by a hash of source and flags; no compiler -> one warning and xlstm's PyTorch form).
@@ -105,7 +110,7 @@ static inline float exp_nonpositive(float x) {
        out[i, j] = ((F[i+1] - F[j+1]) + ig[j]) - m_i,   m_i = max_j (F[i+1] - F[j+1]) + ig[j]
    and row_max [bh, S] = m. The same operations in the same order as xlstm's torch code, so the
    same bits. Packing leaves out the -inf above the diagonal: PyTorch's exp of -inf is ~10x
-   slower than of a finite number on this CPU (benchmarks/README.md, note 11). */
+   slower than of a finite number on this CPU (benchmarks/README.md, note 12). */
 void hear_msm_mlstm_log_weights(float *restrict out, float *restrict row_max, const float *restrict fcum,
                                 const float *restrict igate, long S, long h_begin, long h_end) {
     const long packed = S * (S + 1) / 2;
@@ -267,7 +272,7 @@ def mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact, eps: f
     of xlstm's shapes (their rounding, and the sum's order, are PyTorch's).
     exact=False: everything between the two matmuls in one C pass per row (faster; our exp and
     sum order: ~1e-7 relative per cell, but the whole model can amplify that to ~2e-5:
-    benchmarks/README.md, note 11).
+    benchmarks/README.md, note 12).
     """
     library = load_library()
     if library is None:

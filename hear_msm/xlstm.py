@@ -18,7 +18,7 @@ row-wise maximum, so the two agree to float rounding (tests/test_speed_paths.py)
 
 On CPU without gradients the parallel form's gate-matrix work runs in a small compiled kernel
 (`_cpu_mlstm`, `kernel="auto"`, see `set_mlstm_kernel`): bit-identical to xlstm's PyTorch form,
-~2.2x faster per cell (benchmarks/README.md, note 11).
+~2.2x faster per cell (benchmarks/README.md, note 12).
 """
 from __future__ import annotations
 
