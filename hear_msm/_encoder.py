@@ -238,13 +238,29 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
         return self.pred(self.encode_tokens(tokens)[:, 1:])
 
     def reconstruction_loss(self, spectrogram: torch.Tensor, mask: torch.Tensor,
-                            masked_only: bool = False) -> torch.Tensor:
-        """MSE between predictions and patch targets, over all patches or the masked ones."""
+                            masked_only: bool = False, patch_normalized_targets: bool = False,
+                            discriminative_weight: float = 0.0) -> torch.Tensor:
+        """MSE between predictions and patch targets, over all patches or the masked ones.
+
+        Options beyond the official (MSE-only) recipe:
+        `patch_normalized_targets`: each target patch is standardised by its own mean and std (MAE's
+        normalised-pixel targets), so the model predicts the shape of the spectrum inside a patch
+        (harmonic pattern, onset) rather than its level.
+        `discriminative_weight` w > 0: loss = MSE + w * InfoNCE, SSAST's joint objective (Gong et
+        al. weight the two 1 : 10). Each masked patch's prediction must pick its own target out of
+        all masked targets of the same clip (dot-product logits, cross-entropy); this rewards
+        predictions that are specific to their patch instead of a blurred average of the clip.
+        """
         prediction = self(spectrogram, mask).float()
-        error = (prediction - self.patchify(spectrogram).float()).pow(2).mean(dim=-1)  # [B, N]
-        if masked_only:
-            return (error * mask).sum() / mask.sum().clamp_min(1)
-        return error.mean()
+        target = self.patchify(spectrogram).float()
+        if patch_normalized_targets:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        error = (prediction - target).pow(2).mean(dim=-1)  # [B, N]
+        loss = (error * mask).sum() / mask.sum().clamp_min(1) if masked_only else error.mean()
+        if discriminative_weight > 0:
+            loss = loss + discriminative_weight * masked_patch_infonce(prediction, target, mask)
+        return loss
 
     @torch.no_grad()
     def reset_shared_parameters(self) -> None:
@@ -253,6 +269,17 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
         for layer in (self.pred[0], self.pred[2]):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+
+def masked_patch_infonce(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each masked patch's prediction classifying its own target among the
+    masked targets of its clip. prediction, target [B, N, P]; mask [B, N] bool (True = masked)."""
+    logits = prediction @ target.transpose(1, 2)  # [B, N (predictions), N (targets)]
+    logits = logits.masked_fill(~mask[:, None, :], float("-inf"))  # candidates: masked targets only
+    rows = mask.nonzero(as_tuple=True)  # (clip, patch) of every masked prediction
+    if rows[0].numel() == 0:
+        return prediction.sum() * 0.0
+    return nn.functional.cross_entropy(logits[rows], rows[1])
 
 
 def causal_conv1d_stream(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

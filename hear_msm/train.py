@@ -72,6 +72,8 @@ class TrainConfig:
     mask_ratio: float = 0.5
     mask_mode: str = "unstructured"
     masked_only_loss: bool = False
+    patch_normalized_targets: bool = False  # not official: targets standardised per patch (MAE)
+    discriminative_weight: float = 0.0  # not official: + w * InfoNCE over masked patches (SSAST joint)
     # data
     num_frames: int = 200
     min_seconds: float = 0.5
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"mask_mode must be one of {MASKING_MODES}, got {self.mask_mode!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.discriminative_weight < 0:
+            raise ValueError(f"discriminative_weight must be >= 0, got {self.discriminative_weight}")
         if self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("batch_size, checkpoint_every and log_every must be positive")
         if self.export_dtype not in ("float32", "float16", "bfloat16"):
@@ -159,12 +163,15 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 class _Objective(nn.Module):
     """Wraps the model so that DDP's forward (and its gradient hooks) covers the loss."""
 
-    def __init__(self, model, masked_only: bool):
+    def __init__(self, model, config: "TrainConfig"):
         super().__init__()
-        self.model, self.masked_only = model, masked_only
+        self.model = model
+        self.options = dict(masked_only=config.masked_only_loss,
+                            patch_normalized_targets=config.patch_normalized_targets,
+                            discriminative_weight=config.discriminative_weight)
 
     def forward(self, spectrogram: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model.reconstruction_loss(spectrogram, mask, masked_only=self.masked_only)
+        return self.model.reconstruction_loss(spectrogram, mask, **self.options)
 
 
 @dataclass
@@ -302,7 +309,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
     torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     model = build_model(config).to(device)
     model.train()
-    loss_module = _Objective(model, config.masked_only_loss)
+    loss_module = _Objective(model, config)
     if info.world_size > 1:
         loss_module = nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -450,7 +457,9 @@ def export(model, out: Path, config: TrainConfig, steps: int, loss: float, secon
         f"Budget: {steps} steps x batch {config.batch_size} = {steps * config.batch_size} clips of "
         f"{config.num_frames / 100:.0f} s; wall time {seconds / 60:.1f} min; final training loss {loss:.4f}.\n\n"
         f"Recipe: mask {config.mask_mode} {config.mask_ratio}, loss over "
-        f"{'masked' if config.masked_only_loss else 'all'} patches, AdamW lr {config.lr:.3g} "
+        f"{'masked' if config.masked_only_loss else 'all'} patches"
+        f"{' (targets standardised per patch)' if config.patch_normalized_targets else ''}"
+        f"{f' + {config.discriminative_weight:g} x InfoNCE' if config.discriminative_weight else ''}, AdamW lr {config.lr:.3g} "
         f"(base {config.base_lr:g} x {config.batch_size}/256), wd {config.weight_decay}, seed {config.seed}.\n\n"
         "```python\nimport hear_msm\nmodel = hear_msm.load_model(\"path/to/this/folder\")\n```\n"
     )
@@ -514,7 +523,7 @@ _FLAGS = {
     "warmup_steps": int, "base_lr": float, "min_lr": float, "weight_decay": float, "grad_clip": float,
     "mask_ratio": float, "mask_mode": str, "seed": int, "precision": str, "device": str,
     "num_workers": int, "checkpoint_every": int, "log_every": int, "kernel": str, "export_dtype": str,
-    "min_seconds": float, "max_clip_seconds": float,
+    "min_seconds": float, "max_clip_seconds": float, "discriminative_weight": float,
 }
 
 
@@ -522,6 +531,8 @@ def _cmd_pretrain(args) -> int:
     given = {name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None}
     if args.masked_only_loss:
         given["masked_only_loss"] = True
+    if args.patch_normalized_targets:
+        given["patch_normalized_targets"] = True
     if args.no_progress:
         given["progress"] = False
     if args.override:
@@ -578,6 +589,7 @@ def register_commands(subparsers) -> None:
         "precision": "auto (fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16", "device": "auto | cpu | cuda[:i]",
         "kernel": "SSAM scan: auto | cuda | reference", "export_dtype": "dtype of final/model.safetensors",
         "min_seconds": "skip shorter files", "max_clip_seconds": "read longer files as a random segment this long",
+        "discriminative_weight": "add w x InfoNCE over masked patches (SSAST's joint objective; not the official recipe)",
     }
     for name, kind in _FLAGS.items():
         if name in ("model", "data"):
@@ -585,6 +597,8 @@ def register_commands(subparsers) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"{helps.get(name, '')} (default {getattr(defaults, name)})".strip())
     p.add_argument("--masked-only-loss", action="store_true", help="MSE over masked patches only")
+    p.add_argument("--patch-normalized-targets", action="store_true",
+                   help="standardise each target patch by its own mean and std (MAE-style; not the official recipe)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log.csv is still written)")
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="architecture field for the model builder, e.g. depth=2 (repeatable)")

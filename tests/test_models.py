@@ -108,3 +108,38 @@ def test_unknown_model_name():
 def test_axlstm_blocks_alternate_direction():
     model = hear_msm.create_model("axlstm_tiny")
     assert [block.reverse for block in model.blocks] == [i % 2 == 1 for i in range(12)]
+
+
+def test_patch_normalized_targets_and_infonce_match_direct_computations():
+    """The two non-official objectives, checked against straightforward per-clip computations."""
+    from hear_msm._encoder import masked_patch_infonce
+
+    torch.manual_seed(0)
+    from hear_msm.transformer import ssast_tiny
+    model = ssast_tiny(depth=1)
+    spec = torch.randn(3, 1, 200, 80) * 2 + 1
+    mask = model.sample_mask(3, 0.5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        prediction = model(spec, mask)
+        target = model.patchify(spec)
+        standardised = (target - target.mean(-1, keepdim=True)) / target.std(-1, keepdim=True)
+        loss = model.reconstruction_loss(spec, mask, patch_normalized_targets=True)
+        torch.testing.assert_close(loss, (prediction - standardised).pow(2).mean(), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(loss, model.reconstruction_loss(spec, mask))
+
+        # InfoNCE: for every clip, each masked prediction classifies its target among the masked targets
+        expected = []
+        for b in range(3):
+            idx = mask[b].nonzero().squeeze(1)
+            logits = prediction[b, idx] @ target[b, idx].T
+            expected.append(torch.nn.functional.cross_entropy(logits, torch.arange(len(idx)), reduction="none"))
+        torch.testing.assert_close(masked_patch_infonce(prediction, target, mask), torch.cat(expected).mean())
+        # predictions equal to (scaled) targets make the right patch win: the loss goes to ~0
+        assert masked_patch_infonce(10 * target, target, mask) < 1e-3
+        assert masked_patch_infonce(10 * target.flip(1), target, mask) > 5
+        joint = model.reconstruction_loss(spec, mask, discriminative_weight=0.1)
+        torch.testing.assert_close(joint, model.reconstruction_loss(spec, mask)
+                                   + 0.1 * masked_patch_infonce(prediction, target, mask), rtol=1e-5, atol=1e-5)
+    # timestep masking (whole columns) goes through the same path
+    column_mask = model.sample_mask(3, 0.5, mode="timestep")
+    assert torch.isfinite(model.reconstruction_loss(spec, column_mask, discriminative_weight=0.1, masked_only=True))

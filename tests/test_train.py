@@ -151,6 +151,13 @@ def test_masked_only_and_timestep_masking_train(audio_dir, tmp_path):
     assert np.isfinite(training.train(config, tmp_path / "run").loss)
 
 
+def test_joint_objective_options_train_and_are_validated(audio_dir, tmp_path):
+    config = _config(audio_dir, steps=2, patch_normalized_targets=True, discriminative_weight=0.1)
+    assert np.isfinite(training.train(config, tmp_path / "run").loss)
+    with pytest.raises(ValueError, match="discriminative_weight"):
+        TrainConfig(discriminative_weight=-1.0)
+
+
 def test_plot_loss(audio_dir, tmp_path):
     pytest.importorskip("matplotlib")
     training.train(_config(audio_dir, steps=3), tmp_path / "run")
