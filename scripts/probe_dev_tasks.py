@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             scores = probe(features, labels, tuple(args.c_grid))
             results.append({"task": task_name, "model": arch, "weights": weights,
                             "seed": args.seed if weights == "random" else None, **scores,
+                            **{f"n_{split}": len(labels[split]) for split in ("train", "valid", "test")},
                             "dim": int(features["train"].shape[1])})
             print(f"  {label:<28} valid {scores['valid']:.3f}  test {scores['test']:.3f}  (C={scores['C']:g})",
                   file=sys.stderr, flush=True)
