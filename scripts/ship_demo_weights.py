@@ -101,9 +101,10 @@ def recipe_changes(cfg: dict) -> str:
         changes.append(f"+ {cfg['discriminative_weight']:g} x InfoNCE over masked patches (SSAST's joint objective)")
     if not changes:
         return ""
-    return ("\n\n**Not the official objective**: " + "; ".join(changes) + ". On the development probes "
-            "this learned pitch and instrument-family features sooner than the official MSE-only objective "
-            "under the same budget (see below and the closing numbers in the README).")
+    return ("\n\n**Not the official objective**: " + "; ".join(changes) + ". It was chosen on ssast_tiny "
+            "pilot runs (1000 steps x batch 8, same corpus, probed as below): pitch valid / test 0.745 / 0.968 "
+            "against 0.679 / 0.880 for the official MSE on raw patches, while instrument family stayed at the "
+            "same level (0.323 / 0.714 against 0.348 / 0.691); timestep masking or adding InfoNCE changed neither.")
 
 
 def recipe_flags(cfg: dict) -> str:
