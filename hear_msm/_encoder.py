@@ -247,8 +247,8 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
         normalised-pixel targets), so the model predicts the shape of the spectrum inside a patch
         (harmonic pattern, onset) rather than its level.
         `discriminative_weight` w > 0: loss = MSE + w * InfoNCE, SSAST's joint objective (Gong et
-        al. weight the two 1 : 10). Each masked patch's prediction must pick its own target out of
-        all masked targets of the same clip (dot-product logits, cross-entropy); this rewards
+        al. use InfoNCE + 10 x MSE, i.e. w = 0.1). Each masked patch's prediction must pick its
+        own target out of all masked targets of the same clip (dot-product logits, cross-entropy); this rewards
         predictions that are specific to their patch instead of a blurred average of the clip.
         """
         prediction = self(spectrogram, mask).float()
