@@ -31,20 +31,12 @@ Forward only.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ._ckernel import CompiledKernel
 
 _SOURCE = r"""
 #include <math.h>
@@ -194,12 +186,6 @@ void hear_msm_mlstm_gates(float *restrict qk, const float *restrict fcum, const 
 }
 """
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_tried = False
-_pool: ThreadPoolExecutor | None = None
-
-
 def _compile_flags() -> list[str]:
     # no -ffast-math: the elementwise arithmetic must round like PyTorch's (module docstring);
     # -fno-math-errno / -fno-trapping-math only let gcc vectorise, they do not change results
@@ -212,52 +198,18 @@ def _compile_flags() -> list[str]:
     return flags
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("HEAR_MSM_CACHE", Path.home() / ".cache" / "hear_msm"))
-
-
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC or install gcc)")
-    flags = _compile_flags()
-    key = hashlib.sha256((_SOURCE + " ".join(flags) + sys.platform).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"mlstm_gates_{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            source, lib = Path(tmp, "mlstm.c"), Path(tmp, "mlstm.so")
-            source.write_text(_SOURCE)
-            subprocess.run([compiler, *flags, "-shared", str(source), "-o", str(lib), "-lm"],
-                           check=True, capture_output=True)
-            os.replace(lib, target)  # atomic: concurrent builders never see a half-written file
-    library = ctypes.CDLL(str(target))
+def _declare(library: ctypes.CDLL) -> None:
     library.hear_msm_mlstm_gates.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_float] + [ctypes.c_long] * 2
     library.hear_msm_mlstm_log_weights.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
     library.hear_msm_mlstm_weigh.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
     for function in (library.hear_msm_mlstm_gates, library.hear_msm_mlstm_log_weights, library.hear_msm_mlstm_weigh):
         function.restype = None
-    return library
 
 
-def load_library() -> ctypes.CDLL | None:
-    """The compiled kernel, building it on first call; None (with one warning) if it cannot be built."""
-    global _library, _tried
-    with _lock:
-        if not _tried:
-            _tried = True
-            if os.environ.get("HEAR_MSM_NO_CPU_KERNEL"):
-                return None
-            try:
-                _library = _build()
-            except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
-                detail = getattr(err, "stderr", b"") or b""
-                warnings.warn(
-                    f"hear_msm: could not build the compiled CPU mLSTM kernel ({err} "
-                    f"{detail.decode(errors='replace')[:500]}); using xlstm's PyTorch parallel form",
-                    RuntimeWarning, stacklevel=3,
-                )
-        return _library
+_KERNEL = CompiledKernel("mlstm_gates", _SOURCE, _compile_flags, _declare,
+                         what="CPU mLSTM kernel", fallback="xlstm's PyTorch parallel form")
+load_library = _KERNEL.load
+_thread_pool = _KERNEL.thread_pool
 
 
 def mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact, eps: float = 1e-6,
@@ -311,11 +263,3 @@ def _run(function, count: int, length: int, *args) -> None:
     pool = _thread_pool(threads)
     for job in [pool.submit(function, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
         job.result()
-
-
-def _thread_pool(threads: int) -> ThreadPoolExecutor:
-    global _pool
-    with _lock:
-        if _pool is None or _pool._max_workers < threads:
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hear_msm_mlstm")
-        return _pool

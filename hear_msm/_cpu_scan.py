@@ -22,18 +22,10 @@ on flush-to-zero for the whole process when the library is loaded.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
+
+from ._ckernel import CompiledKernel
 
 _SOURCE = r"""
 #include <math.h>
@@ -227,12 +219,6 @@ void hear_msm_selective_scan_backward_f64(const double *u, const double *delta, 
 }
 """
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_tried = False
-_pool: ThreadPoolExecutor | None = None
-
-
 def _compile_flags() -> list[str]:
     flags = ["-O3", "-ffast-math", "-fPIC", "-std=c99"]
     capability = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ...
@@ -241,55 +227,19 @@ def _compile_flags() -> list[str]:
     return flags
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("HEAR_MSM_CACHE", Path.home() / ".cache" / "hear_msm"))
-
-
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC or install gcc)")
-    flags = _compile_flags()
-    key = hashlib.sha256((_SOURCE + " ".join(flags) + sys.platform).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"selective_scan_{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            source, obj, lib = Path(tmp, "scan.c"), Path(tmp, "scan.o"), Path(tmp, "scan.so")
-            source.write_text(_SOURCE)
-            subprocess.run([compiler, *flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True)
-            # -lm: the float64 copy calls libm's exp (its linker script also brings libmvec, which
-            # gcc may use to vectorise it); the float32 path needs neither
-            subprocess.run([compiler, "-shared", str(obj), "-o", str(lib), "-lm"], check=True, capture_output=True)
-            os.replace(lib, target)  # atomic: concurrent builders never see a half-written file
-    library = ctypes.CDLL(str(target))
+def _declare(library: ctypes.CDLL) -> None:
     for name in ("hear_msm_selective_scan", "hear_msm_selective_scan_f64"):
         getattr(library, name).argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 6
         getattr(library, name).restype = None
     for name in ("hear_msm_selective_scan_backward", "hear_msm_selective_scan_backward_f64"):
         getattr(library, name).argtypes = [ctypes.c_void_p] * 16 + [ctypes.c_long] * 6
         getattr(library, name).restype = None
-    return library
 
 
-def load_library() -> ctypes.CDLL | None:
-    """The compiled scan, building it on first call; None (with one warning) if it cannot be built."""
-    global _library, _tried
-    with _lock:
-        if not _tried:
-            _tried = True
-            if os.environ.get("HEAR_MSM_NO_CPU_KERNEL"):
-                return None
-            try:
-                _library = _build()
-            except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
-                detail = getattr(err, "stderr", b"") or b""
-                warnings.warn(
-                    f"hear_msm: could not build the compiled CPU selective scan ({err} "
-                    f"{detail.decode(errors='replace')[:500]}); using the slower PyTorch reference scan",
-                    RuntimeWarning, stacklevel=3,
-                )
-        return _library
+_KERNEL = CompiledKernel("selective_scan", _SOURCE, _compile_flags, _declare,
+                         what="CPU selective scan", fallback="the slower PyTorch reference scan")
+load_library = _KERNEL.load
+_thread_pool = _KERNEL.thread_pool
 
 
 def selective_scan_cpu(u, delta, A, B, C, D, state: torch.Tensor | None = None):
@@ -398,11 +348,3 @@ class _SelectiveScan(torch.autograd.Function):
         grads = _backward(ctx.library, ctx.saved_tensors, dy, ctx.dtype)
         return tuple(g.to(dtype) if needed else None
                      for g, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad))
-
-
-def _thread_pool(threads: int) -> ThreadPoolExecutor:
-    global _pool
-    with _lock:
-        if _pool is None or _pool._max_workers < threads:
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hear_msm_scan")
-        return _pool

@@ -1,0 +1,93 @@
+"""Small C libraries compiled on first use with the system C compiler (the CPU kernels' plumbing).
+
+`_cpu_scan.py` (Mamba selective scan) and `_cpu_mlstm.py` (mLSTM gate matrix) each hold a C
+source string without Python or torch headers; `CompiledKernel` builds it once per process into
+`$HEAR_MSM_CACHE` (default `~/.cache/hear_msm`), keyed by a hash of source, flags and platform,
+loads it with ctypes (whose calls release the GIL, so a shared thread pool can split work), and
+reports a missing compiler or a failed build as one warning and `None`, so callers fall back to
+PyTorch. `HEAR_MSM_NO_CPU_KERNEL=1` disables every compiled kernel.
+
+The source is compiled with the kernel's flags and linked in a separate step without them: with
+-ffast-math gcc would link crtfastmath.o, which turns on flush-to-zero for the whole process.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HEAR_MSM_CACHE", Path.home() / ".cache" / "hear_msm"))
+
+
+class CompiledKernel:
+    """One C library: `load()` builds (once) and returns it, or None; `thread_pool(n)` shares workers.
+
+    name: file stem of the cached library; flags: compile flags (called at build time, they may
+    depend on the CPU); declare: sets the ctypes signatures of the loaded library; what /
+    fallback: the words of the warning when it cannot be built.
+    """
+
+    def __init__(self, name: str, source: str, flags: Callable[[], list[str]],
+                 declare: Callable[[ctypes.CDLL], None], what: str, fallback: str):
+        self.name, self.source, self.flags, self.declare = name, source, flags, declare
+        self.what, self.fallback = what, fallback
+        self._lock = threading.Lock()
+        self._library: ctypes.CDLL | None = None
+        self._tried = False
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _build(self) -> ctypes.CDLL:
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if compiler is None:
+            raise RuntimeError("no C compiler found (set CC or install gcc)")
+        flags = self.flags()
+        key = hashlib.sha256((self.source + " ".join(flags) + sys.platform).encode()).hexdigest()[:16]
+        target = cache_dir() / f"{self.name}_{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                source, obj, lib = Path(tmp, "kernel.c"), Path(tmp, "kernel.o"), Path(tmp, "kernel.so")
+                source.write_text(self.source)
+                subprocess.run([compiler, *flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True)
+                # -lm: float64 copies and exact paths call libm's exp (its linker script also brings
+                # libmvec, which gcc may use to vectorise it)
+                subprocess.run([compiler, "-shared", str(obj), "-o", str(lib), "-lm"], check=True, capture_output=True)
+                os.replace(lib, target)  # atomic: concurrent builders never see a half-written file
+        library = ctypes.CDLL(str(target))
+        self.declare(library)
+        return library
+
+    def load(self) -> ctypes.CDLL | None:
+        """The compiled library, building it on first call; None (with one warning) if it cannot be built."""
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                if os.environ.get("HEAR_MSM_NO_CPU_KERNEL"):
+                    return None
+                try:
+                    self._library = self._build()
+                except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+                    detail = getattr(err, "stderr", b"") or b""
+                    warnings.warn(
+                        f"hear_msm: could not build the compiled {self.what} ({err} "
+                        f"{detail.decode(errors='replace')[:500]}); using {self.fallback}",
+                        RuntimeWarning, stacklevel=4,
+                    )
+            return self._library
+
+    def thread_pool(self, threads: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None or self._pool._max_workers < threads:
+                self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"hear_msm_{self.name}")
+            return self._pool
