@@ -231,15 +231,24 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
             mask = mask.repeat_interleave(cfg.grid_freq, dim=1)
         return mask
 
-    def forward(self, spectrogram: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Predict patch values: [B, 1, T, F], mask [B, N] (True = masked) -> [B, N, pt * pf]."""
+    def forward(self, spectrogram: torch.Tensor, mask: torch.Tensor,
+                decoder: nn.Module | None = None) -> torch.Tensor:
+        """Predict patch values: [B, 1, T, F], mask [B, N] (True = masked) -> [B, N, pt * pf].
+
+        `decoder` (training only, not part of the checkpoint): a module [B, 1 + N, D] -> [B, 1 + N, D]
+        run between the encoder and the prediction head (see `hear_msm.transformer.build_training_decoder`).
+        """
         tokens = self.embed_patches(spectrogram)
         tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
-        return self.pred(self.encode_tokens(tokens)[:, 1:])
+        encoded = self.encode_tokens(tokens)
+        if decoder is not None:
+            encoded = decoder(encoded)
+        return self.pred(encoded[:, 1:])
 
     def reconstruction_loss(self, spectrogram: torch.Tensor, mask: torch.Tensor,
                             masked_only: bool = False, patch_normalized_targets: bool = False,
-                            discriminative_weight: float = 0.0) -> torch.Tensor:
+                            discriminative_weight: float = 0.0,
+                            decoder: nn.Module | None = None) -> torch.Tensor:
         """MSE between predictions and patch targets, over all patches or the masked ones.
 
         Options beyond the official (MSE-only) recipe:
@@ -250,8 +259,9 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
         al. use InfoNCE + 10 x MSE, i.e. w = 0.1). Each masked patch's prediction must pick its
         own target out of all masked targets of the same clip (dot-product logits, cross-entropy); this rewards
         predictions that are specific to their patch instead of a blurred average of the clip.
+        `decoder`: a training-only module between encoder and head (see `forward`).
         """
-        prediction = self(spectrogram, mask).float()
+        prediction = self(spectrogram, mask, decoder).float()
         target = self.patchify(spectrogram).float()
         if patch_normalized_targets:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)

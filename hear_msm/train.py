@@ -74,6 +74,7 @@ class TrainConfig:
     masked_only_loss: bool = False
     patch_normalized_targets: bool = False  # not official: targets standardised per patch (MAE)
     discriminative_weight: float = 0.0  # not official: + w * InfoNCE over masked patches (SSAST joint)
+    decoder_depth: int = 0  # not official: Transformer blocks between encoder and head, training only (MAE)
     # data
     num_frames: int = 200
     min_seconds: float = 0.5
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.discriminative_weight < 0:
             raise ValueError(f"discriminative_weight must be >= 0, got {self.discriminative_weight}")
+        if self.decoder_depth < 0:
+            raise ValueError(f"decoder_depth must be >= 0 (0: no decoder, the official recipe), got {self.decoder_depth}")
         if self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("batch_size, checkpoint_every and log_every must be positive")
         if self.export_dtype not in ("float32", "float16", "bfloat16"):
@@ -161,17 +164,22 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 class _Objective(nn.Module):
-    """Wraps the model so that DDP's forward (and its gradient hooks) covers the loss."""
+    """Model plus the training-only decoder (if any), so that DDP's forward, its gradient hooks and
+    the optimizer cover both; only `model` is exported."""
 
     def __init__(self, model, config: "TrainConfig"):
         super().__init__()
+        from .transformer import build_training_decoder
+
         self.model = model
+        self.decoder = build_training_decoder(model.config.embed_dim, config.decoder_depth, model.config.norm_eps) \
+            if config.decoder_depth > 0 else None
         self.options = dict(masked_only=config.masked_only_loss,
                             patch_normalized_targets=config.patch_normalized_targets,
                             discriminative_weight=config.discriminative_weight)
 
     def forward(self, spectrogram: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model.reconstruction_loss(spectrogram, mask, **self.options)
+        return self.model.reconstruction_loss(spectrogram, mask, decoder=self.decoder, **self.options)
 
 
 @dataclass
@@ -307,12 +315,14 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
 
     source = open_source(config.data, config.min_seconds, config.max_clip_seconds)
     torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    model = build_model(config).to(device)
-    model.train()
-    loss_module = _Objective(model, config)
+    model = build_model(config)
+    objective = _Objective(model, config).to(device)  # the decoder (if any) is drawn after the model
+    objective.train()
+    decoder = objective.decoder
+    loss_module = objective
     if info.world_size > 1:
         loss_module = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
 
     start_step = int(state["step"]) if state else 0
     loader, sampler = make_loader(source, local_batch, config.num_frames, config.seed, info.rank,
@@ -322,7 +332,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
     warmup = config.warmup_steps if config.warmup_steps >= 0 else round(config.warmup_epochs * steps_per_epoch)
     warmup = min(warmup, total)
 
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
+    optimizer = torch.optim.AdamW(parameter_groups(objective, config.weight_decay), lr=config.lr,
                                   betas=(config.beta1, config.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup, total, config.min_lr / config.lr if config.lr else 0.0))
@@ -330,6 +340,8 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
     elapsed_before = 0.0
     if state:
         model.load_state_dict(state["model"])
+        if decoder is not None:
+            decoder.load_state_dict(state["decoder"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -356,6 +368,8 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
             "scaler": scaler.state_dict(), "step": step, "total_steps": total, "config": config.to_dict(),
             "rng": _rng_state(), "sampler": {"epoch": epoch, "batch": batch, "steps_per_epoch": steps_per_epoch},
             "world_size": info.world_size, "elapsed_s": elapsed, "loss": last_loss,
+            # kept apart from "model" so that "model" stays in the export (authors') format
+            **({"decoder": decoder.state_dict()} if decoder is not None else {}),
         })
 
     log_file = None
@@ -399,7 +413,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
             scaler.scale(loss).backward()
             if config.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                nn.utils.clip_grad_norm_(objective.parameters(), config.grad_clip)
             lr_used = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()
@@ -459,7 +473,8 @@ def export(model, out: Path, config: TrainConfig, steps: int, loss: float, secon
         f"Recipe: mask {config.mask_mode} {config.mask_ratio}, loss over "
         f"{'masked' if config.masked_only_loss else 'all'} patches"
         f"{' (targets standardised per patch)' if config.patch_normalized_targets else ''}"
-        f"{f' + {config.discriminative_weight:g} x InfoNCE' if config.discriminative_weight else ''}, AdamW lr {config.lr:.3g} "
+        f"{f' + {config.discriminative_weight:g} x InfoNCE' if config.discriminative_weight else ''}"
+        f"{f', through a {config.decoder_depth}-block training-only decoder' if config.decoder_depth else ''}, AdamW lr {config.lr:.3g} "
         f"(base {config.base_lr:g} x {config.batch_size}/256), wd {config.weight_decay}, seed {config.seed}.\n\n"
         "```python\nimport hear_msm\nmodel = hear_msm.load_model(\"path/to/this/folder\")\n```\n"
     )
@@ -523,7 +538,7 @@ _FLAGS = {
     "warmup_steps": int, "base_lr": float, "min_lr": float, "weight_decay": float, "grad_clip": float,
     "mask_ratio": float, "mask_mode": str, "seed": int, "precision": str, "device": str,
     "num_workers": int, "checkpoint_every": int, "log_every": int, "kernel": str, "export_dtype": str,
-    "min_seconds": float, "max_clip_seconds": float, "discriminative_weight": float,
+    "min_seconds": float, "max_clip_seconds": float, "discriminative_weight": float, "decoder_depth": int,
 }
 
 
@@ -590,6 +605,8 @@ def register_commands(subparsers) -> None:
         "kernel": "SSAM scan: auto | cuda | reference", "export_dtype": "dtype of final/model.safetensors",
         "min_seconds": "skip shorter files", "max_clip_seconds": "read longer files as a random segment this long",
         "discriminative_weight": "add w x InfoNCE over masked patches (SSAST's joint objective; not the official recipe)",
+        "decoder_depth": "Transformer blocks between encoder and prediction head, used in training and dropped at "
+                         "export (MAE's decoder; not the official recipe)",
     }
     for name, kind in _FLAGS.items():
         if name in ("model", "data"):

@@ -94,6 +94,24 @@ def build_transformer(config: TransformerConfig, **runtime_options) -> MaskedSpe
 register_family(TransformerConfig, build_transformer)
 
 
+def build_training_decoder(embed_dim: int, depth: int, norm_eps: float = 1e-6) -> nn.Sequential:
+    """`depth` pre-norm Transformer blocks + LayerNorm, [B, L, D] -> [B, L, D], for pretraining only.
+
+    Placed between any encoder and its prediction head (MAE's light decoder, He et al. 2022), it takes
+    over the last steps of pixel reconstruction, so the encoder's final blocks -- the ones the HEAR
+    embeddings come from -- need not specialise to it. Heads of 64 channels, as SSAST's. It is saved in
+    training checkpoints but never exported: the weights keep the authors' checkpoint format.
+    """
+    if depth < 1:
+        raise ValueError(f"decoder depth must be >= 1, got {depth}")
+    config = TransformerConfig(arch="training_decoder", embed_dim=embed_dim, depth=depth,
+                               num_heads=max(1, embed_dim // 64), norm_eps=norm_eps)
+    blocks = [TransformerBlock(config) for _ in range(depth)]
+    for block in blocks:
+        block.reset_parameters()
+    return nn.Sequential(*blocks, nn.LayerNorm(embed_dim, eps=norm_eps))
+
+
 def _create_ssast(arch: str, kernel: str = "auto", **fields) -> MaskedSpectrogramModel:
     return build_transformer(TransformerConfig(arch=arch, **fields), kernel=kernel)
 

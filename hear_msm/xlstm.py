@@ -45,6 +45,7 @@ def _import_mlstm_layer():
 
 
 mLSTMLayer, mLSTMLayerConfig = _import_mlstm_layer()
+from xlstm.components.linear_headwise import LinearHeadwiseExpand  # noqa: E402  (after the quiet import)
 from xlstm.blocks.mlstm.backends import parallel_stabilized_simple  # noqa: E402  (after the quiet import)
 
 from . import _cpu_mlstm
@@ -205,6 +206,20 @@ class ParallelCellBackend:
         return parallel_stabilized_simple(queries, keys, values, igate_preact, fgate_preact, **kwargs)
 
 
+class HeadwiseProjection(LinearHeadwiseExpand):
+    """xlstm's q/k/v projection (same parameters and init), computed by `_cpu_mlstm.headwise_projection`
+    for inference on CPU: the same `bmm` without the two layout copies around it (same bits).
+    `kernel` follows `set_mlstm_kernel`: "reference" keeps xlstm's einsum."""
+
+    kernel = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if self.kernel not in ("auto", "cpu", "fused") or x.is_cuda or needs_grad or x.dtype != self.weight.dtype:
+            return super().forward(x)
+        return _cpu_mlstm.headwise_projection(x, self.weight, self.bias)
+
+
 class XLSTMBlock(nn.Module):
     """x + mLSTM(norm(x)), read forward (`reverse=False`) or back to front."""
 
@@ -226,6 +241,11 @@ class XLSTMBlock(nn.Module):
             )
         )
         self.layer.mlstm_cell.backend_fn = ParallelCellBackend(kernel)
+        for projection in (self.layer.q_proj, self.layer.k_proj, self.layer.v_proj):
+            # a class swap, not a new module: a fresh one would draw its init again and so change
+            # every random initialisation that follows (seeded models must stay as they were)
+            projection.__class__ = HeadwiseProjection
+            projection.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
@@ -281,6 +301,8 @@ def set_mlstm_kernel(model: nn.Module, kernel: str) -> None:
     for module in model.modules():
         if isinstance(module, XLSTMBlock):
             module.layer.mlstm_cell.backend_fn.kernel = kernel
+        if isinstance(module, HeadwiseProjection):
+            module.kernel = kernel
 
 
 def build_xlstm(config: XLSTMConfig, kernel: str = "auto") -> MaskedSpectrogramModel:

@@ -7,6 +7,7 @@ printed numbers show how far below it each path is.
 """
 import pytest
 import torch
+from torch import nn
 from xlstm.blocks.mlstm.backends import parallel_stabilized_simple
 
 import hear_msm
@@ -356,6 +357,39 @@ def test_cpu_mlstm_kernel_matches_xlstm_parallel_form(length):
     print(length, "fused vs xlstm fp32", diff, "fused vs fp64", _relative(fused, float64),
           "xlstm fp32 vs fp64", _relative(reference, float64))
     assert diff <= TOLERANCE
+
+
+@needs_mlstm_kernel
+@pytest.mark.parametrize("batch,length", [(1, 251), (3, 100), (2, 7)])
+def test_cpu_mlstm_kernel_reads_head_views_in_place(batch, length):
+    """xlstm's cell hands over head views of [B, S, NH * DH] tensors (strided, not packed): the
+    kernel's per-clip matmuls on those views give xlstm's bits, and its output is a head view of a
+    time-major tensor, so xlstm's head norm reads it without a copy."""
+    gen = torch.Generator().manual_seed(batch * length)
+    q, k, v = (torch.randn(batch, length, 4 * 96, generator=gen).view(batch, length, 4, 96).transpose(1, 2)
+               for _ in range(3))
+    igate = torch.randn(batch, 4, length, 1, generator=gen)
+    fgate = 3 + 2 * torch.randn(batch, 4, length, 1, generator=gen)
+    assert not q.is_contiguous()
+    out = _cpu_mlstm.mlstm_parallel_cpu(q, k, v, igate, fgate)
+    assert torch.equal(out, parallel_stabilized_simple(q, k, v, igate, fgate))
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("lead,heads,block,bias", [((2, 251), 96, 4, False), ((3,), 8, 2, True), ((1, 5, 7), 4, 8, False)])
+def test_headwise_projection_equals_xlstm_einsum(lead, heads, block, bias):
+    from xlstm.components.linear_headwise import LinearHeadwiseExpand, LinearHeadwiseExpandConfig
+
+    torch.manual_seed(heads)
+    projection = LinearHeadwiseExpand(LinearHeadwiseExpandConfig(in_features=heads * block, num_heads=heads, bias=bias))
+    if bias:
+        nn.init.normal_(projection.bias)
+    x = torch.randn(*lead, heads * block)
+    strided = torch.randn(heads * block, *lead).movedim(0, -1)  # a non-contiguous input too
+    with torch.no_grad():
+        for inputs in (x, strided):
+            assert torch.equal(_cpu_mlstm.headwise_projection(inputs, projection.weight, projection.bias),
+                               projection(inputs))
 
 
 @needs_mlstm_kernel

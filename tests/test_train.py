@@ -158,6 +158,37 @@ def test_joint_objective_options_train_and_are_validated(audio_dir, tmp_path):
         TrainConfig(discriminative_weight=-1.0)
 
 
+def test_training_decoder_is_checkpointed_resumed_and_never_exported(audio_dir, tmp_path, monkeypatch):
+    """The training-only decoder changes the objective, is saved and restored with the run, and the
+    exported weights have exactly the keys of a plain model (the authors' checkpoint format)."""
+    plain = training.train(_config(audio_dir, steps=4), tmp_path / "plain")
+    config = _config(audio_dir, steps=4, checkpoint_every=2, decoder_depth=1)
+    straight = training.train(config, tmp_path / "straight")
+    assert straight.loss != plain.loss
+    state = training.load_checkpoint(tmp_path / "straight" / training.CHECKPOINT_NAME)
+    assert state["decoder"] and not any(name.startswith("decoder") for name in state["model"])
+    exported = load_file(str(straight.export_dir / "model.safetensors"))
+    assert exported.keys() == load_file(str(plain.export_dir / "model.safetensors")).keys()
+    assert "decoder" in (straight.export_dir / "README.md").read_text()
+
+    # interrupt right after the step-2 checkpoint, resume: the same weights as the straight run
+    save = training.save_checkpoint
+
+    def save_then_stop(path, payload):
+        save(path, payload)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, tmp_path / "interrupted")
+    monkeypatch.setattr(training, "save_checkpoint", save)
+    resumed = training.train(config, tmp_path / "interrupted", resume=True)
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="decoder_depth"):
+        TrainConfig(decoder_depth=-1)
+
+
 def test_plot_loss(audio_dir, tmp_path):
     pytest.importorskip("matplotlib")
     training.train(_config(audio_dir, steps=3), tmp_path / "run")
