@@ -97,15 +97,17 @@ class HearModel(nn.Module):
 
     @property
     def max_batch_chunks(self) -> int:
-        """Chunks per encoder call. Default (None): 32 on GPU; on CPU, where bigger batches only
-        spill the caches, 4 (SSAST, SSAM: 32-chunk batches are 10-60% slower per chunk) and 1 for
-        AxLSTM (its 251 x 251 gate matrices: 4 chunks per call are ~20% slower per chunk than 1;
-        benchmarks/README.md)."""
+        """Chunks per encoder call. Default (None): 32 on GPU; on CPU 8 per thread for SSAST and SSAM
+        and 4 per thread for AxLSTM (whose 251 x 251 gate matrices leave the cache sooner), at most
+        32: one thread is fastest with small batches that stay in cache, more threads need bigger
+        batches to share out (benchmarks/README.md, notes 6 and 13). Batching changes results only
+        by float rounding (tests)."""
         if self._max_batch_chunks is not None:
             return self._max_batch_chunks
         if next(self.encoder.parameters()).is_cuda:
             return 32
-        return 1 if self.encoder.config.family == "xlstm" else 4
+        per_thread = 4 if self.encoder.config.family == "xlstm" else 8
+        return min(32, per_thread * max(1, torch.get_num_threads()))
 
     @property
     def arch(self) -> str:
