@@ -9,6 +9,8 @@ PyTorch. `HEAR_MSM_NO_CPU_KERNEL=1` disables every compiled kernel.
 
 The source is compiled with the kernel's flags and linked in a separate step without them: with
 -ffast-math gcc would link crtfastmath.o, which turns on flush-to-zero for the whole process.
+A kernel built with `openmp=True` is compiled with -fopenmp when PyTorch's own libgomp.so.1 is
+loaded (its parallel loops then run on PyTorch's thread team), else without it.
 """
 from __future__ import annotations
 
@@ -39,9 +41,9 @@ class CompiledKernel:
     """
 
     def __init__(self, name: str, source: str, flags: Callable[[], list[str]],
-                 declare: Callable[[ctypes.CDLL], None], what: str, fallback: str):
+                 declare: Callable[[ctypes.CDLL], None], what: str, fallback: str, openmp: bool = False):
         self.name, self.source, self.flags, self.declare = name, source, flags, declare
-        self.what, self.fallback = what, fallback
+        self.what, self.fallback, self.openmp = what, fallback, openmp
         self._lock = threading.Lock()
         self._library: ctypes.CDLL | None = None
         self._tried = False
@@ -51,7 +53,26 @@ class CompiledKernel:
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
         if compiler is None:
             raise RuntimeError("no C compiler found (set CC or install gcc)")
-        flags = self.flags()
+        if self.openmp and self._torch_uses_libgomp():
+            # with -fopenmp the library needs libgomp.so.1, which the loader resolves to the copy
+            # PyTorch has loaded: one OpenMP runtime, one thread team. Without OpenMP support
+            # (compiler or PyTorch build) the same source builds sequential, as `#ifdef _OPENMP` says.
+            try:
+                return self._build_with(compiler, self.flags() + ["-fopenmp"])
+            except (OSError, subprocess.CalledProcessError):
+                pass
+        return self._build_with(compiler, self.flags())
+
+    @staticmethod
+    def _torch_uses_libgomp() -> bool:
+        import torch
+
+        # only when PyTorch's OpenMP is a libgomp.so.1 already in this process (pip wheels on Linux):
+        # a renamed or Intel runtime would make ours a second team competing for the cores
+        return sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info() and any(
+            line.endswith("/libgomp.so.1") for line in Path("/proc/self/maps").read_text().splitlines())
+
+    def _build_with(self, compiler: str, flags: list[str]) -> ctypes.CDLL:
         key = hashlib.sha256((self.source + " ".join(flags) + sys.platform).encode()).hexdigest()[:16]
         target = cache_dir() / f"{self.name}_{key}.so"
         if not target.exists():
@@ -62,7 +83,9 @@ class CompiledKernel:
                 subprocess.run([compiler, *flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True)
                 # -lm: float64 copies and exact paths call libm's exp (its linker script also brings
                 # libmvec, which gcc may use to vectorise it)
-                subprocess.run([compiler, "-shared", str(obj), "-o", str(lib), "-lm"], check=True, capture_output=True)
+                link = ["-fopenmp"] if "-fopenmp" in flags else []
+                subprocess.run([compiler, "-shared", *link, str(obj), "-o", str(lib), "-lm"], check=True,
+                               capture_output=True)
                 os.replace(lib, target)  # atomic: concurrent builders never see a half-written file
         library = ctypes.CDLL(str(target))
         self.declare(library)

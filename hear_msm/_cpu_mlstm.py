@@ -184,6 +184,42 @@ void hear_msm_mlstm_gates(float *restrict qk, const float *restrict fcum, const 
         }
     }
 }
+
+/* The three entry points over all heads [0, count), split over `threads` OpenMP threads (PyTorch's
+   own team when built with -fopenmp; sequential otherwise), as `_cpu_scan` does. */
+int hear_msm_mlstm_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef _OPENMP
+#define OVER_HEADS _Pragma("omp parallel for num_threads(threads) schedule(static)")
+#else
+#define OVER_HEADS
+#endif
+
+void hear_msm_mlstm_log_weights_parallel(float *out, float *row_max, const float *fcum, const float *igate,
+                                         long S, long count, long threads) {
+    OVER_HEADS
+    for (long t = 0; t < threads; ++t)
+        hear_msm_mlstm_log_weights(out, row_max, fcum, igate, S, count * t / threads, count * (t + 1) / threads);
+}
+
+void hear_msm_mlstm_weigh_parallel(float *qk, const float *weights, long S, long count, long threads) {
+    OVER_HEADS
+    for (long t = 0; t < threads; ++t)
+        hear_msm_mlstm_weigh(qk, weights, S, count * t / threads, count * (t + 1) / threads);
+}
+
+void hear_msm_mlstm_gates_parallel(float *qk, const float *fcum, const float *igate, long S, float eps,
+                                   long count, long threads) {
+    OVER_HEADS
+    for (long t = 0; t < threads; ++t)
+        hear_msm_mlstm_gates(qk, fcum, igate, S, eps, count * t / threads, count * (t + 1) / threads);
+}
 """
 
 def _compile_flags() -> list[str]:
@@ -202,12 +238,18 @@ def _declare(library: ctypes.CDLL) -> None:
     library.hear_msm_mlstm_gates.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_float] + [ctypes.c_long] * 2
     library.hear_msm_mlstm_log_weights.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
     library.hear_msm_mlstm_weigh.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
-    for function in (library.hear_msm_mlstm_gates, library.hear_msm_mlstm_log_weights, library.hear_msm_mlstm_weigh):
-        function.restype = None
+    library.hear_msm_mlstm_gates_parallel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_float] + \
+        [ctypes.c_long] * 2
+    library.hear_msm_mlstm_log_weights_parallel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+    library.hear_msm_mlstm_weigh_parallel.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
+    library.hear_msm_mlstm_has_openmp.argtypes, library.hear_msm_mlstm_has_openmp.restype = [], ctypes.c_int
+    for name in ("gates", "log_weights", "weigh"):
+        getattr(library, f"hear_msm_mlstm_{name}").restype = None
+        getattr(library, f"hear_msm_mlstm_{name}_parallel").restype = None
 
 
 _KERNEL = CompiledKernel("mlstm_gates", _SOURCE, _compile_flags, _declare,
-                         what="CPU mLSTM kernel", fallback="xlstm's PyTorch parallel form")
+                         what="CPU mLSTM kernel", fallback="xlstm's PyTorch parallel form", openmp=True)
 load_library = _KERNEL.load
 _thread_pool = _KERNEL.thread_pool
 
@@ -280,11 +322,16 @@ def headwise_projection(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 def _run(function, count: int, length: int, *args) -> None:
-    """function(*args, begin, end) over heads [0, count): ctypes releases the GIL, so threads
-    split the heads (each owns its rows)."""
+    """function(*args, begin, end) over heads [0, count), split over threads (each owns its rows):
+    on PyTorch's OpenMP team through the `_parallel` entry point when the library has OpenMP,
+    else on a pool (ctypes releases the GIL)."""
     threads = max(1, min(torch.get_num_threads(), count))
     if threads == 1 or length < 32:
         function(*args, 0, count)
+        return
+    library = load_library()
+    if library.hear_msm_mlstm_has_openmp():
+        getattr(library, function.__name__ + "_parallel")(*args, count, threads)
         return
     bounds = [count * t // threads for t in range(threads + 1)]
     pool = _thread_pool(threads)

@@ -188,6 +188,29 @@ void hear_msm_selective_scan(const float *u, const float *delta, const float *A,
         scan_any(u, delta, A, B, C, D, y, state, batch, length, inner, nstate, e_begin, e_end);
 }
 
+/* All channels, split over `threads` OpenMP threads. Built with -fopenmp this .so resolves
+   libgomp.so.1 to the copy PyTorch has already loaded, so these threads are PyTorch's own
+   intra-op team: they are still spinning from the op before and start at once, where a
+   separate pool competes with them for the cores (benchmarks/README.md, note 15). */
+int hear_msm_scan_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void hear_msm_selective_scan_parallel(const float *u, const float *delta, const float *A, const float *B,
+                                      const float *C, const float *D, float *y, float *state, long batch,
+                                      long length, long inner, long nstate, long threads) {
+#ifdef _OPENMP
+    #pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+    for (long i = 0; i < threads; ++i)
+        hear_msm_selective_scan(u, delta, A, B, C, D, y, state, batch, length, inner, nstate,
+                                inner * i / threads, inner * (i + 1) / threads);
+}
+
 void hear_msm_selective_scan_f64(const double *u, const double *delta, const double *A, const double *B,
                                  const double *C, const double *D, double *y, double *state, long batch,
                                  long length, long inner, long nstate, long e_begin, long e_end) {
@@ -228,6 +251,9 @@ def _compile_flags() -> list[str]:
 
 
 def _declare(library: ctypes.CDLL) -> None:
+    library.hear_msm_scan_has_openmp.argtypes, library.hear_msm_scan_has_openmp.restype = [], ctypes.c_int
+    library.hear_msm_selective_scan_parallel.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 5
+    library.hear_msm_selective_scan_parallel.restype = None
     for name in ("hear_msm_selective_scan", "hear_msm_selective_scan_f64"):
         getattr(library, name).argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 6
         getattr(library, name).restype = None
@@ -237,7 +263,7 @@ def _declare(library: ctypes.CDLL) -> None:
 
 
 _KERNEL = CompiledKernel("selective_scan", _SOURCE, _compile_flags, _declare,
-                         what="CPU selective scan", fallback="the slower PyTorch reference scan")
+                         what="CPU selective scan", fallback="the slower PyTorch reference scan", openmp=True)
 load_library = _KERNEL.load
 _thread_pool = _KERNEL.thread_pool
 
@@ -299,8 +325,11 @@ def _forward(library, inputs, state, dtype):
     pointers = [t.data_ptr() for t in (*tensors, y, state)]
     function = library.hear_msm_selective_scan_f64 if dtype == torch.float64 else library.hear_msm_selective_scan
     # each thread owns a slice of the channels of y and state
-    _run(function, _split_channels(inner, batch * length * inner),
-         lambda i, lo, hi: (*pointers, batch, length, inner, nstate, lo, hi))
+    ranges = _split_channels(inner, batch * length * inner)
+    if len(ranges) > 1 and dtype == torch.float32 and library.hear_msm_scan_has_openmp():
+        library.hear_msm_selective_scan_parallel(*pointers, batch, length, inner, nstate, len(ranges))
+    else:
+        _run(function, ranges, lambda i, lo, hi: (*pointers, batch, length, inner, nstate, lo, hi))
     return y, state
 
 

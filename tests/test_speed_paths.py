@@ -455,3 +455,47 @@ def test_position_rows_are_slices_of_the_long_table(positions):
     table = position_table(encoder, 300, positions)
     for start, stop in [(0, 1), (0, 37), (1, 600), (251, 1501)]:
         assert torch.equal(position_rows(encoder, start, stop, positions), table[start:stop])
+
+
+# ----------------------------------------------------------------------------- OpenMP builds
+_OPENMP_PROBE = r"""
+int has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+"""
+
+
+def _probe_kernel():
+    import ctypes
+
+    from hear_msm._ckernel import CompiledKernel
+
+    def declare(library):
+        library.has_openmp.restype = ctypes.c_int
+    return CompiledKernel("openmp_probe", _OPENMP_PROBE, lambda: ["-O1", "-fPIC"], declare,
+                          what="probe", fallback="nothing", openmp=True)
+
+
+def test_openmp_kernels_share_pytorchs_team_or_build_sequential(tmp_path, monkeypatch):
+    """With PyTorch's libgomp loaded, openmp kernels build with -fopenmp and load no second
+    OpenMP runtime; a compiler without -fopenmp gives a working sequential build instead."""
+    from hear_msm._ckernel import CompiledKernel
+
+    monkeypatch.setenv("HEAR_MSM_CACHE", str(tmp_path / "cache"))
+    library = _probe_kernel().load()
+    if CompiledKernel._torch_uses_libgomp():
+        assert library.has_openmp() == 1
+        assert _cpu_scan.load_library().hear_msm_scan_has_openmp() == 1
+        assert _cpu_mlstm.load_library().hear_msm_mlstm_has_openmp() == 1
+        runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+        assert len(runtimes) == 1, runtimes
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec gcc "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("HEAR_MSM_CACHE", str(tmp_path / "cache2"))
+    assert _probe_kernel().load().has_openmp() == 0
