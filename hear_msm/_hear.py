@@ -97,16 +97,17 @@ class HearModel(nn.Module):
 
     @property
     def max_batch_chunks(self) -> int:
-        """Chunks per encoder call. Default (None): 32 on GPU; on CPU 8 per thread for SSAST and SSAM
-        and 4 per thread for AxLSTM (whose 251 x 251 gate matrices leave the cache sooner), at most
-        32: one thread is fastest with small batches that stay in cache, more threads need bigger
-        batches to share out (benchmarks/README.md, notes 6 and 13). Batching changes results only
-        by float rounding (tests)."""
+        """Chunks per encoder call. Default (None): 32 on GPU; on CPU, per thread, 8 for the tiny SSAST
+        and SSAM and 4 for tiny AxLSTM (whose 251 x 251 gate matrices leave the cache sooner), halved
+        for each doubling of the width (small, base), at least 1 and at most 32 in all: one thread
+        is fastest with batches that stay in cache, more threads need bigger batches to share out
+        (benchmarks/README.md, notes 6 and 13). Batching changes results only by float rounding (tests)."""
         if self._max_batch_chunks is not None:
             return self._max_batch_chunks
         if next(self.encoder.parameters()).is_cuda:
             return 32
-        per_thread = 4 if self.encoder.config.family == "xlstm" else 8
+        config = self.encoder.config
+        per_thread = max(1, (4 if config.family == "xlstm" else 8) * 192 // config.embed_dim)
         return min(32, per_thread * max(1, torch.get_num_threads()))
 
     @property
