@@ -44,6 +44,7 @@ class CompiledKernel:
                  declare: Callable[[ctypes.CDLL], None], what: str, fallback: str, openmp: bool = False):
         self.name, self.source, self.flags, self.declare = name, source, flags, declare
         self.what, self.fallback, self.openmp = what, fallback, openmp
+        self.uses_openmp = False  # set by the build: its parallel entry points run on PyTorch's team
         self._lock = threading.Lock()
         self._library: ctypes.CDLL | None = None
         self._tried = False
@@ -58,7 +59,9 @@ class CompiledKernel:
             # PyTorch has loaded: one OpenMP runtime, one thread team. Without OpenMP support
             # (compiler or PyTorch build) the same source builds sequential, as `#ifdef _OPENMP` says.
             try:
-                return self._build_with(compiler, self.flags() + ["-fopenmp"])
+                library = self._build_with(compiler, self.flags() + ["-fopenmp"])
+                self.uses_openmp = True
+                return library
             except (OSError, subprocess.CalledProcessError):
                 pass
         return self._build_with(compiler, self.flags())

@@ -187,14 +187,6 @@ void hear_msm_mlstm_gates(float *restrict qk, const float *restrict fcum, const 
 
 /* The three entry points over all heads [0, count), split over `threads` OpenMP threads (PyTorch's
    own team when built with -fopenmp; sequential otherwise), as `_cpu_scan` does. */
-int hear_msm_mlstm_has_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
-
 #ifdef _OPENMP
 #define OVER_HEADS _Pragma("omp parallel for num_threads(threads) schedule(static)")
 #else
@@ -242,7 +234,6 @@ def _declare(library: ctypes.CDLL) -> None:
         [ctypes.c_long] * 2
     library.hear_msm_mlstm_log_weights_parallel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
     library.hear_msm_mlstm_weigh_parallel.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
-    library.hear_msm_mlstm_has_openmp.argtypes, library.hear_msm_mlstm_has_openmp.restype = [], ctypes.c_int
     for name in ("gates", "log_weights", "weigh"):
         getattr(library, f"hear_msm_mlstm_{name}").restype = None
         getattr(library, f"hear_msm_mlstm_{name}_parallel").restype = None
@@ -330,9 +321,8 @@ def _run(function, count: int, length: int, *args) -> None:
     if threads == 1 or length < 32:
         function(*args, 0, count)
         return
-    library = load_library()
-    if library.hear_msm_mlstm_has_openmp():
-        getattr(library, function.__name__ + "_parallel")(*args, count, threads)
+    if _KERNEL.uses_openmp:
+        getattr(load_library(), function.__name__ + "_parallel")(*args, count, threads)
         return
     bounds = [count * t // threads for t in range(threads + 1)]
     pool = _thread_pool(threads)

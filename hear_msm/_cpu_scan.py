@@ -192,14 +192,6 @@ void hear_msm_selective_scan(const float *u, const float *delta, const float *A,
    libgomp.so.1 to the copy PyTorch has already loaded, so these threads are PyTorch's own
    intra-op team: they are still spinning from the op before and start at once, where a
    separate pool competes with them for the cores (benchmarks/README.md, note 15). */
-int hear_msm_scan_has_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
-
 void hear_msm_selective_scan_parallel(const float *u, const float *delta, const float *A, const float *B,
                                       const float *C, const float *D, float *y, float *state, long batch,
                                       long length, long inner, long nstate, long threads) {
@@ -251,7 +243,6 @@ def _compile_flags() -> list[str]:
 
 
 def _declare(library: ctypes.CDLL) -> None:
-    library.hear_msm_scan_has_openmp.argtypes, library.hear_msm_scan_has_openmp.restype = [], ctypes.c_int
     library.hear_msm_selective_scan_parallel.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 5
     library.hear_msm_selective_scan_parallel.restype = None
     for name in ("hear_msm_selective_scan", "hear_msm_selective_scan_f64"):
@@ -326,7 +317,7 @@ def _forward(library, inputs, state, dtype):
     function = library.hear_msm_selective_scan_f64 if dtype == torch.float64 else library.hear_msm_selective_scan
     # each thread owns a slice of the channels of y and state
     ranges = _split_channels(inner, batch * length * inner)
-    if len(ranges) > 1 and dtype == torch.float32 and library.hear_msm_scan_has_openmp():
+    if len(ranges) > 1 and dtype == torch.float32 and _KERNEL.uses_openmp:
         library.hear_msm_selective_scan_parallel(*pointers, batch, length, inner, nstate, len(ranges))
     else:
         _run(function, ranges, lambda i, lo, hi: (*pointers, batch, length, inner, nstate, lo, hi))
