@@ -12,10 +12,12 @@ import hear_msm
 from hear_msm import _cpu_scan
 from hear_msm.mamba import selective_scan_reference, set_kernel
 
+
 TOLERANCE = 1e-5
 NAMES = ("u", "delta", "A", "B", "C", "D")
 
-pytestmark = pytest.mark.skipif(_cpu_scan.load_library() is None, reason="no C compiler to build the CPU scan")
+pytestmark = [pytest.mark.numerics,
+              pytest.mark.skipif(_cpu_scan.load_library() is None, reason="no C compiler to build the CPU scan")]
 
 
 def _relative(actual, expected):

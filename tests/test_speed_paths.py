@@ -3,7 +3,11 @@ tests/test_scan_backward.py), the chunkwise mLSTM, segment streaming with carrie
 HEAR full-sequence mode.
 
 Tolerances are relative (max |diff| / max |reference|) in float32, 1e-5 as in the issue; the
-printed numbers show how far below it each path is.
+printed numbers show how far below it each path is. Where a fast path replaces another float32
+implementation (the compiled mLSTM cell, the head-wise projections), the two are never compared
+bit for bit: both are judged against a float64 run (tests/numerics.py), as BLAS and compilers
+round differently on every CPU. Bit-identity is asserted only where the same code runs twice
+(thread splits, segmentation of one kernel's input).
 """
 import pytest
 import torch
@@ -16,6 +20,9 @@ from hear_msm._encoder import sincos_2d_position_table
 from hear_msm._hear import HearModel, position_table
 from hear_msm.mamba import MambaConfig, MambaMixer, selective_scan_reference, set_kernel, use_cpu_kernel
 from hear_msm.xlstm import mlstm_chunkwise, set_mlstm_form, set_mlstm_kernel, use_cpu_mlstm_kernel
+from numerics import assert_float64_anchored, relative_error
+
+pytestmark = pytest.mark.numerics
 
 TOLERANCE = 1e-5
 
@@ -306,17 +313,31 @@ def test_whole_axlstm_chunkwise_equals_xlstm_parallel_forward():
     assert fast_grads.keys() == reference_grads.keys()
 
 
-def test_axlstm_default_is_xlstm_parallel_form_bit_for_bit():
+def test_axlstm_default_block_is_xlstms_layer_in_its_direction():
+    """Each block is x + mLSTMLayer(norm(x)) read forward (even blocks) or reversed (odd blocks),
+    with xlstm's own layer as the float32 reference and its float64 run as the anchor."""
     torch.manual_seed(0)
     model = hear_msm.create_model("axlstm_tiny").eval()
     x = torch.randn(2, 251, 192)
     with torch.no_grad():
         for block in model.blocks[:2]:
-            h = block.norm(x)
             default = block(x)
             set_mlstm_kernel(block, "reference")  # xlstm's own cell backend, untouched
-            expected = x + (block.layer(h.flip(1)).flip(1) if block.reverse else block.layer(h))
-            assert torch.equal(default, expected)
+
+            def xlstm_block(inputs):
+                h = block.norm(inputs)
+                return inputs + (block.layer(h.flip(1)).flip(1) if block.reverse else block.layer(h))
+
+            expected = xlstm_block(x)
+            block.double()
+            expected64 = xlstm_block(x.double())
+            block.float()
+            # residual blocks: compare the branch, not x + branch (x itself carries no error)
+            assert_float64_anchored(f"block reverse={block.reverse}", default - x, expected - x, expected64 - x.double(),
+                                    floor=1e-6, error=relative_error)
+            wrong_direction = x + block.layer(block.norm(x).flip(1)).flip(1) if not block.reverse \
+                else x + block.layer(block.norm(x))
+            assert relative_error(wrong_direction - x, expected64 - x.double()) > 1e-2  # the direction matters
     with pytest.raises(ValueError, match="form"):
         set_mlstm_form(model, "fast")
     with pytest.raises(ValueError, match="kernel"):
@@ -344,11 +365,14 @@ def _cell_inputs(batch, length, seed, extreme=False):
 @needs_mlstm_kernel
 @pytest.mark.parametrize("length", [1, 2, 15, 16, 17, 64, 100, 250, 251])
 def test_cpu_mlstm_kernel_matches_xlstm_parallel_form(length):
-    """Default (exact) path: bit-identical to xlstm's float32 form. Opt-in fused path: within
-    1e-5 relative (measured ~1e-7 .. 1e-6), as close to a float64 run as xlstm's float32 form."""
+    """Default (exact) path: as close to a float64 run as xlstm's own float32 form is (the same
+    operations in the same order, so on most CPUs the very same bits). Opt-in fused path: within
+    1e-5 relative of xlstm's float32 form."""
     for extreme in (False, True):
         inputs = _cell_inputs(2, length, seed=length, extreme=extreme)
-        assert torch.equal(_cpu_mlstm.mlstm_parallel_cpu(*inputs), parallel_stabilized_simple(*inputs))
+        float64 = parallel_stabilized_simple(*(t.double() for t in inputs))
+        assert_float64_anchored(f"exact kernel, length {length}, extreme {extreme}", _cpu_mlstm.mlstm_parallel_cpu(*inputs),
+                                parallel_stabilized_simple(*inputs), float64, floor=1e-6, error=relative_error)
     inputs = _cell_inputs(2, length, seed=length)
     reference = parallel_stabilized_simple(*inputs)
     fused = _cpu_mlstm.mlstm_parallel_cpu(*inputs, exact=False)
@@ -363,8 +387,8 @@ def test_cpu_mlstm_kernel_matches_xlstm_parallel_form(length):
 @pytest.mark.parametrize("batch,length", [(1, 251), (3, 100), (2, 7)])
 def test_cpu_mlstm_kernel_reads_head_views_in_place(batch, length):
     """xlstm's cell hands over head views of [B, S, NH * DH] tensors (strided, not packed): the
-    kernel's per-clip matmuls on those views give xlstm's bits, and its output is a head view of a
-    time-major tensor, so xlstm's head norm reads it without a copy."""
+    kernel's per-clip matmuls read those views in place (as accurately as xlstm's float32 form), and
+    its output is a head view of a time-major tensor, so xlstm's head norm reads it without a copy."""
     gen = torch.Generator().manual_seed(batch * length)
     q, k, v = (torch.randn(batch, length, 4 * 96, generator=gen).view(batch, length, 4, 96).transpose(1, 2)
                for _ in range(3))
@@ -372,7 +396,9 @@ def test_cpu_mlstm_kernel_reads_head_views_in_place(batch, length):
     fgate = 3 + 2 * torch.randn(batch, 4, length, 1, generator=gen)
     assert not q.is_contiguous()
     out = _cpu_mlstm.mlstm_parallel_cpu(q, k, v, igate, fgate)
-    assert torch.equal(out, parallel_stabilized_simple(q, k, v, igate, fgate))
+    float64 = parallel_stabilized_simple(*(t.double() for t in (q, k, v, igate, fgate)))
+    assert_float64_anchored(f"head views {batch}x{length}", out, parallel_stabilized_simple(q, k, v, igate, fgate),
+                            float64, floor=1e-6, error=relative_error)
     assert out.transpose(1, 2).is_contiguous()
 
 
@@ -388,8 +414,12 @@ def test_headwise_projection_equals_xlstm_einsum(lead, heads, block, bias):
     strided = torch.randn(heads * block, *lead).movedim(0, -1)  # a non-contiguous input too
     with torch.no_grad():
         for inputs in (x, strided):
-            assert torch.equal(_cpu_mlstm.headwise_projection(inputs, projection.weight, projection.bias),
-                               projection(inputs))
+            expected = projection(inputs)
+            projection.double()
+            float64 = projection(inputs.double())
+            projection.float()
+            assert_float64_anchored(f"head-wise projection {lead}", _cpu_mlstm.headwise_projection(
+                inputs, projection.weight, projection.bias), expected, float64, floor=1e-6, error=relative_error)
 
 
 @needs_mlstm_kernel
@@ -402,7 +432,7 @@ def test_cpu_mlstm_kernel_threads_split_heads_exactly(monkeypatch):
 
 
 @needs_mlstm_kernel
-def test_whole_axlstm_auto_is_bit_identical_and_gradients_use_xlstm(monkeypatch):
+def test_whole_axlstm_auto_is_as_accurate_as_xlstm_and_gradients_use_xlstm(monkeypatch):
     torch.manual_seed(0)
     model = hear_msm.create_model("axlstm_tiny").eval()
     x = torch.randn(2, 1, 200, 80)
@@ -417,7 +447,12 @@ def test_whole_axlstm_auto_is_bit_identical_and_gradients_use_xlstm(monkeypatch)
         set_mlstm_kernel(model, "reference")
         reference = model.forward_features(x)
     assert len(calls) == 2 * len(model.blocks)
-    assert torch.equal(fast, reference)
+    model.double()
+    with torch.no_grad():
+        float64 = model.forward_features(x.double())
+    model.float()
+    assert_float64_anchored("axlstm_tiny auto (compiled cell)", fast, reference, float64, floor=1e-6,
+                            error=relative_error)
     print("axlstm_tiny fused vs reference, relative", _relative(fused, reference))
     assert _relative(fused, reference) <= TOLERANCE
     # with gradients, auto takes xlstm's PyTorch form
