@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._encoder import SpectrogramEncoder, sincos_2d_position_table
+from .models.encoder import SpectrogramEncoder, sincos_2d_position_table
 from ._frontend import HOP_SAMPLES, SAMPLE_RATE, LogMelFrontend
 
 LAYOUTS = ("time", "official")

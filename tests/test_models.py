@@ -8,7 +8,7 @@ import torch
 from conftest import TESTS_DIR
 
 import hear_msm
-from hear_msm._encoder import config_from_dict, sincos_2d_position_table
+from hear_msm.models.encoder import config_from_dict, sincos_2d_position_table
 
 OFFICIAL = json.loads((TESTS_DIR / "data" / "official_state_dict_keys.json").read_text())
 # NOTES §1, full checkpoint parameter counts
@@ -112,10 +112,10 @@ def test_axlstm_blocks_alternate_direction():
 
 def test_patch_normalized_targets_and_infonce_match_direct_computations():
     """The two non-official objectives, checked against straightforward per-clip computations."""
-    from hear_msm._encoder import masked_patch_infonce
+    from hear_msm.models.encoder import masked_patch_infonce
 
     torch.manual_seed(0)
-    from hear_msm.transformer import ssast_tiny
+    from hear_msm.models.transformer import ssast_tiny
     model = ssast_tiny(depth=1)
     spec = torch.randn(3, 1, 200, 80) * 2 + 1
     mask = model.sample_mask(3, 0.5, generator=torch.Generator().manual_seed(1))

@@ -9,17 +9,25 @@ bit for bit: both are judged against a float64 run (tests/numerics.py), as BLAS 
 round differently on every CPU. Bit-identity is asserted only where the same code runs twice
 (thread splits, segmentation of one kernel's input).
 """
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 from xlstm.blocks.mlstm.backends import parallel_stabilized_simple
 
 import hear_msm
-from hear_msm import _cpu_mlstm, _cpu_scan
-from hear_msm._encoder import sincos_2d_position_table
+from hear_msm.ops import mlstm as _cpu_mlstm
+from hear_msm.ops import selective_scan as _cpu_scan
+from hear_msm.models.encoder import sincos_2d_position_table
 from hear_msm._hear import HearModel, position_table
-from hear_msm.mamba import MambaConfig, MambaMixer, selective_scan_reference, set_kernel, use_cpu_kernel
-from hear_msm.xlstm import mlstm_chunkwise, set_mlstm_form, set_mlstm_kernel, use_cpu_mlstm_kernel
+from hear_msm.models.mamba import MambaConfig, MambaMixer, set_kernel
+from hear_msm.ops.selective_scan import selective_scan_reference, use_cpu_kernel
+from hear_msm.models.xlstm import set_mlstm_form, set_mlstm_kernel
+from hear_msm.ops.mlstm import mlstm_chunkwise
+from hear_msm.ops.mlstm import resolve as resolve_mlstm
 from numerics import assert_float64_anchored, relative_error
 
 pytestmark = pytest.mark.numerics
@@ -133,19 +141,15 @@ def test_kernel_cpu_trains():
 
 def test_cpu_kernel_dispatch():
     present, absent = (lambda: object()), (lambda: None)
-    assert use_cpu_kernel("auto", False, False, present) is True
-    assert use_cpu_kernel("auto", False, False, absent) is False
-    assert use_cpu_kernel("auto", False, True, present) is True  # gradients: compiled backward
-    assert use_cpu_kernel("auto", False, True, absent) is False
-    assert use_cpu_kernel("cpu", False, True, present) is True
-    assert use_cpu_kernel("reference", False, True, present) is False
-    assert use_cpu_kernel("auto", True, False, present) is False  # CUDA tensors: never
-    assert use_cpu_kernel("reference", False, False, present) is False
-    assert use_cpu_kernel("cpu", False, False, present) is True
+    assert use_cpu_kernel("auto", False, present) is True  # with or without gradients: compiled backward
+    assert use_cpu_kernel("auto", False, absent) is False
+    assert use_cpu_kernel("cpu", False, present) is True
+    assert use_cpu_kernel("reference", False, present) is False
+    assert use_cpu_kernel("auto", True, present) is False  # CUDA tensors: never
     with pytest.raises(ValueError, match="compiler"):
-        use_cpu_kernel("cpu", False, False, absent)
+        use_cpu_kernel("cpu", False, absent)
     with pytest.raises(ValueError, match="CPU tensors"):
-        use_cpu_kernel("cpu", True, False, present)
+        use_cpu_kernel("cpu", True, present)
 
 
 @needs_compiler
@@ -466,20 +470,21 @@ def test_whole_axlstm_auto_is_as_accurate_as_xlstm_and_gradients_use_xlstm(monke
 
 def test_cpu_mlstm_kernel_dispatch():
     present, absent = (lambda: object()), (lambda: None)
-    assert use_cpu_mlstm_kernel("auto", False, False, present) is True
-    assert use_cpu_mlstm_kernel("auto", False, False, absent) is False
-    assert use_cpu_mlstm_kernel("auto", False, True, present) is False  # gradients: xlstm's form
-    assert use_cpu_mlstm_kernel("auto", True, False, present) is False  # CUDA tensors: never
-    assert use_cpu_mlstm_kernel("reference", False, False, present) is False
-    assert use_cpu_mlstm_kernel("cuda", False, False, present) is False  # create_model's SSAM option
-    assert use_cpu_mlstm_kernel("cpu", False, False, present) is True
-    assert use_cpu_mlstm_kernel("fused", False, False, present) is True
+    assert resolve_mlstm("auto", False, False, present) == "cpu"
+    assert resolve_mlstm("auto", False, False, absent) == "reference"
+    assert resolve_mlstm("auto", False, True, present) == "reference"  # gradients: xlstm's form
+    assert resolve_mlstm("auto", True, False, present) == "reference"  # CUDA tensors: never
+    assert resolve_mlstm("reference", False, False, present) == "reference"
+    assert resolve_mlstm("cpu", False, False, present) == "cpu"
+    assert resolve_mlstm("fused", False, False, present) == "fused"
+    with pytest.raises(ValueError, match="auto.*cpu.*fused.*reference"):
+        resolve_mlstm("cuda", False, False, present)  # SSAM's option: refused, not ignored
     with pytest.raises(ValueError, match="compiler"):
-        use_cpu_mlstm_kernel("cpu", False, False, absent)
+        resolve_mlstm("cpu", False, False, absent)
     with pytest.raises(ValueError, match="CPU tensors"):
-        use_cpu_mlstm_kernel("fused", True, False, present)
+        resolve_mlstm("fused", True, False, present)
     with pytest.raises(ValueError, match="forward-only"):
-        use_cpu_mlstm_kernel("cpu", False, True, present)
+        resolve_mlstm("cpu", False, True, present)
 
 
 @pytest.mark.parametrize("positions", ["extend", "tile"])
@@ -504,24 +509,26 @@ int has_openmp(void) {
 """
 
 
-def _probe_kernel():
+def _probe_kernel(folder):
     import ctypes
 
-    from hear_msm._ckernel import CompiledKernel
+    from hear_msm.ops.compiled import CompiledKernel
 
     def declare(library):
         library.has_openmp.restype = ctypes.c_int
-    return CompiledKernel("openmp_probe", _OPENMP_PROBE, lambda: ["-O1", "-fPIC"], declare,
+    source = folder / "openmp_probe.c"
+    source.write_text(_OPENMP_PROBE)
+    return CompiledKernel("openmp_probe", source, lambda: ["-O1", "-fPIC"], declare,
                           what="probe", fallback="nothing", openmp=True)
 
 
 def test_openmp_kernels_share_pytorchs_team_or_build_sequential(tmp_path, monkeypatch):
     """With PyTorch's libgomp loaded, openmp kernels build with -fopenmp and load no second
     OpenMP runtime; a compiler without -fopenmp gives a working sequential build instead."""
-    from hear_msm._ckernel import CompiledKernel
+    from hear_msm.ops.compiled import CompiledKernel
 
     monkeypatch.setenv("HEAR_MSM_CACHE", str(tmp_path / "cache"))
-    probe = _probe_kernel()
+    probe = _probe_kernel(tmp_path)
     library = probe.load()
     assert library.has_openmp() == int(probe.uses_openmp)  # the flag says what the build did
     if CompiledKernel._torch_uses_libgomp():
@@ -535,5 +542,20 @@ def test_openmp_kernels_share_pytorchs_team_or_build_sequential(tmp_path, monkey
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setenv("HEAR_MSM_CACHE", str(tmp_path / "cache2"))
-    sequential = _probe_kernel()
+    sequential = _probe_kernel(tmp_path)
     assert sequential.load().has_openmp() == 0 and not sequential.uses_openmp
+
+
+C_SOURCES = sorted((Path(hear_msm.__file__).parent / "ops" / "csrc").glob("*.c"))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+@pytest.mark.parametrize("source", C_SOURCES, ids=lambda path: path.name)
+@pytest.mark.parametrize("openmp", [False, True], ids=["sequential", "openmp"])
+def test_c_sources_compile_without_warnings(source, openmp, tmp_path):
+    """The shipped C sources build with every warning an error, with and without OpenMP."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    flags = ["-std=c99", "-O2", "-fPIC", "-Wall", "-Wextra", "-Werror"] + (["-fopenmp"] if openmp else [])
+    result = subprocess.run([compiler, *flags, "-c", str(source), "-o", str(tmp_path / "kernel.o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -75,7 +75,7 @@ class EncoderConfig:
 
 def config_from_dict(data: dict) -> EncoderConfig:
     """Inverse of `EncoderConfig.to_dict`, strict about version, family and field names."""
-    from ._registry import config_classes  # the families register their config classes
+    from .registry import config_classes  # the families register their config classes
 
     data = dict(data)
     version = data.pop("format_version", None)
