@@ -1,5 +1,5 @@
 """Parity of the fast paths with their references: the compiled CPU selective scan (its backward:
-tests/test_scan_backward.py), the chunkwise mLSTM, segment streaming with carried state, and the
+tests/test_scan_backward.py), the blockwise mLSTM, segment streaming with carried state, and the
 HEAR full-sequence mode.
 
 Tolerances are relative (max |diff| / max |reference|) in float32, 1e-5 as in the issue; the
@@ -22,11 +22,11 @@ import hear_msm
 from hear_msm.ops import mlstm as _cpu_mlstm
 from hear_msm.ops import selective_scan as _cpu_scan
 from hear_msm.models.encoder import sincos_2d_position_table
-from hear_msm._hear import HearModel, position_table
+from hear_msm._hear import HearModel
 from hear_msm.models.mamba import MambaConfig, MambaMixer, set_kernel
 from hear_msm.ops.selective_scan import selective_scan_reference, use_cpu_kernel
 from hear_msm.models.xlstm import set_mlstm_form, set_mlstm_kernel
-from hear_msm.ops.mlstm import mlstm_chunkwise
+from hear_msm.ops.mlstm import mlstm_blockwise
 from hear_msm.ops.mlstm import resolve as resolve_mlstm
 from numerics import assert_float64_anchored, relative_error
 
@@ -166,7 +166,7 @@ def test_whole_ssam_auto_equals_reference():
     assert diff <= TOLERANCE
 
 
-# ----------------------------------------------------------------------------- chunkwise mLSTM
+# ----------------------------------------------------------------------------- blockwise mLSTM
 def _mlstm_inputs(length, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, 4, length, 24, generator=gen, dtype=dtype) for _ in range(3))
@@ -176,19 +176,19 @@ def _mlstm_inputs(length, seed=0, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("length", [1, 64, 65, 251, 700])
-def test_chunkwise_mlstm_matches_parallel_form(length):
+def test_blockwise_mlstm_matches_parallel_form(length):
     inputs = _mlstm_inputs(length)
     exact = parallel_stabilized_simple(*(t.double() for t in inputs))  # float64 ground truth
-    chunkwise = mlstm_chunkwise(*inputs)
+    blockwise = mlstm_blockwise(*inputs)
     parallel = parallel_stabilized_simple(*inputs)
-    diff, parallel_diff = _relative(chunkwise, exact), _relative(parallel, exact)
-    print(length, "chunkwise vs parallel(fp64)", diff, "parallel fp32 vs fp64", parallel_diff,
-          "chunkwise vs parallel fp32", _relative(chunkwise, parallel))
+    diff, parallel_diff = _relative(blockwise, exact), _relative(parallel, exact)
+    print(length, "blockwise vs parallel(fp64)", diff, "parallel fp32 vs fp64", parallel_diff,
+          "blockwise vs parallel fp32", _relative(blockwise, parallel))
     assert diff <= TOLERANCE
-    assert _relative(chunkwise, parallel) <= 2 * TOLERANCE  # both float32: their errors add
+    assert _relative(blockwise, parallel) <= 2 * TOLERANCE  # both float32: their errors add
 
 
-def test_chunkwise_mlstm_gradients_match_parallel_form():
+def test_blockwise_mlstm_gradients_match_parallel_form():
     """Against the float64 parallel form: the float32 parallel form's own gradient error is ~1e-5."""
     weights = torch.randn(2, 4, 251, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
@@ -198,18 +198,18 @@ def test_chunkwise_mlstm_gradients_match_parallel_form():
         return [t.grad for t in inputs]
 
     exact = gradients(parallel_stabilized_simple, torch.float64)
-    chunkwise = [_relative(a, b) for a, b in zip(gradients(mlstm_chunkwise, torch.float32), exact)]
+    blockwise = [_relative(a, b) for a, b in zip(gradients(mlstm_blockwise, torch.float32), exact)]
     parallel = [_relative(a, b) for a, b in zip(gradients(parallel_stabilized_simple, torch.float32), exact)]
-    print("gradients vs parallel fp64 (q, k, v, i, f): chunkwise", chunkwise, "parallel fp32", parallel)
-    assert max(chunkwise) <= TOLERANCE
+    print("gradients vs parallel fp64 (q, k, v, i, f): blockwise", blockwise, "parallel fp32", parallel)
+    assert max(blockwise) <= TOLERANCE
 
 
-def test_chunkwise_mlstm_carries_state_across_segments():
+def test_blockwise_mlstm_carries_state_across_segments():
     inputs = _mlstm_inputs(300)
-    whole = mlstm_chunkwise(*inputs)
+    whole = mlstm_blockwise(*inputs)
     state, pieces = (), []
     for start, stop in [(0, 10), (10, 200), (200, 300)]:
-        piece, state = mlstm_chunkwise(*(t[:, :, start:stop] for t in inputs), state=state)
+        piece, state = mlstm_blockwise(*(t[:, :, start:stop] for t in inputs), state=state)
         pieces.append(piece)
     diff = _relative(torch.cat(pieces, dim=2), whole)
     print("segmented vs one pass, relative", diff)
@@ -285,34 +285,34 @@ def test_full_sequence_is_refused_where_it_does_not_apply():
 def test_position_table_extends_the_analytic_table_and_tiles_others():
     encoder = hear_msm.create_model("ssam_tiny")  # initialised with the analytic table
     stored = encoder.pos_embed[0]
-    assert torch.equal(position_table(encoder, 50), stored)
-    long = position_table(encoder, 120)
+    assert torch.equal(encoder.position_table(50), stored)
+    long = encoder.position_table(120)
     assert torch.equal(long, sincos_2d_position_table(192, 120, 5))
     assert torch.equal(long[: stored.shape[0]], stored)  # time-major: the first 2 s are unchanged
     with torch.no_grad():
         encoder.pos_embed.add_(0.01 * torch.randn_like(encoder.pos_embed))  # no longer analytic
-    tiled = position_table(encoder, 120)
+    tiled = encoder.position_table(120)
     assert torch.equal(tiled[1:251], encoder.pos_embed[0, 1:]) and torch.equal(tiled[251:501], encoder.pos_embed[0, 1:])
     assert torch.equal(tiled[501:], encoder.pos_embed[0, 1:101])
 
 
-def test_whole_axlstm_chunkwise_equals_xlstm_parallel_forward():
-    """The opt-in chunkwise form against xlstm's own layer forward (the default), outputs and gradients."""
+def test_whole_axlstm_blockwise_equals_xlstm_parallel_forward():
+    """The opt-in blockwise form against xlstm's own layer forward (the default), outputs and gradients."""
     torch.manual_seed(0)
     model = hear_msm.create_model("axlstm_tiny")
     x = torch.randn(2, 1, 200, 80)
     weights = torch.randn(2, 250, 192)  # a random linear loss: the LayerNormed outputs' norm is constant
     results = {}
-    for form in ("chunkwise", "parallel"):
+    for form in ("blockwise", "parallel"):
         set_mlstm_form(model, form)
         model.zero_grad()
         out = model.forward_features(x)
         (out * weights).sum().backward()
         results[form] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    (fast, fast_grads), (reference, reference_grads) = results["chunkwise"], results["parallel"]
+    (fast, fast_grads), (reference, reference_grads) = results["blockwise"], results["parallel"]
     diff = _relative(fast, reference)
     grad_diff = max(_relative(fast_grads[n], g) for n, g in reference_grads.items())
-    print("axlstm_tiny chunkwise vs parallel: output", diff, "worst gradient", grad_diff)
+    print("axlstm_tiny blockwise vs parallel: output", diff, "worst gradient", grad_diff)
     assert diff <= TOLERANCE and grad_diff <= TOLERANCE
     assert fast_grads.keys() == reference_grads.keys()
 
@@ -489,12 +489,10 @@ def test_cpu_mlstm_kernel_dispatch():
 
 @pytest.mark.parametrize("positions", ["extend", "tile"])
 def test_position_rows_are_slices_of_the_long_table(positions):
-    from hear_msm._hear import position_rows
-
     encoder = hear_msm.create_model("axlstm_tiny")
-    table = position_table(encoder, 300, positions)
+    table = encoder.position_table(300, positions)
     for start, stop in [(0, 1), (0, 37), (1, 600), (251, 1501)]:
-        assert torch.equal(position_rows(encoder, start, stop, positions), table[start:stop])
+        assert torch.equal(encoder.position_rows(start, stop, positions), table[start:stop])
 
 
 # ----------------------------------------------------------------------------- OpenMP builds

@@ -97,25 +97,32 @@ def config_from_dict(data: dict) -> EncoderConfig:
     return cls(**data)
 
 
-def sincos_2d_position_table(embed_dim: int, grid_time: int, grid_freq: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos positions [1 + grid_time * grid_freq, embed_dim], CLS row zero.
+POSITION_MODES = ("auto", "extend", "tile")
 
-    Rows follow the time-major token order (index = t * grid_freq + f). The first half of the
-    channels encodes the frequency index, the second half the time index, each as
-    [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (D/4)) (MAE convention).
-    """
-    if embed_dim % 4:
-        raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos positions, got {embed_dim}")
+
+def _sincos_rows(embed_dim: int, time_index: torch.Tensor, freq_index: torch.Tensor) -> torch.Tensor:
+    """float64 [len(index), embed_dim]: first half of the channels encodes the frequency index, the
+    second half the time index, each as [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-k / (D/4))."""
     quarter = embed_dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=time_index.device) / quarter)
 
     def encode(positions: torch.Tensor) -> torch.Tensor:
         angles = positions.to(torch.float64)[:, None] * omega[None, :]
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
+    return torch.cat([encode(freq_index), encode(time_index)], dim=1)
+
+
+def sincos_2d_position_table(embed_dim: int, grid_time: int, grid_freq: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions [1 + grid_time * grid_freq, embed_dim], CLS row zero (MAE convention).
+
+    Rows follow the time-major token order (index = t * grid_freq + f); see `_sincos_rows`.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos positions, got {embed_dim}")
     time_index = torch.arange(grid_time).repeat_interleave(grid_freq)
     freq_index = torch.arange(grid_freq).repeat(grid_time)
-    table = torch.cat([encode(freq_index), encode(time_index)], dim=1)
+    table = _sincos_rows(embed_dim, time_index, freq_index)
     return torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), table]).float()
 
 
@@ -174,6 +181,78 @@ class SpectrogramEncoder(nn.Module):
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         return self.forward_features(spectrogram)
+
+    # ------------------------------------------------------------------ sequences longer than one input
+    def resolve_positions(self, positions: str = "auto") -> str:
+        """"extend" (the analytic 2-D sin-cos table for any length) or "tile" (the stored columns
+        repeated); "auto" takes "extend" when the stored table is the analytic one."""
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        if positions != "auto":
+            return positions
+        cfg = self.config
+        stored = self.pos_embed[0].detach()
+        analytic = sincos_2d_position_table(cfg.embed_dim, cfg.grid_time, cfg.grid_freq).to(stored)
+        return "extend" if torch.allclose(stored, analytic, atol=1e-5, rtol=0) else "tile"
+
+    def position_rows(self, start: int, stop: int, positions: str = "auto") -> torch.Tensor:
+        """Rows [start, stop) of the position table of an arbitrarily long sequence (row 0 = CLS),
+        float32 [stop - start, D], without building the whole table (an hour is 450k rows)."""
+        cfg = self.config
+        stored = self.pos_embed[0].detach()
+        positions = self.resolve_positions(positions)
+        index = torch.arange(max(start, 1) - 1, stop - 1, device=stored.device)  # token index without CLS
+        time_index, freq_index = index // cfg.grid_freq, index % cfg.grid_freq
+        if positions == "extend":
+            rows = _sincos_rows(cfg.embed_dim, time_index, freq_index).float()
+            cls = torch.zeros(1, cfg.embed_dim, device=stored.device)
+        else:
+            rows = stored[1 + (time_index % cfg.grid_time) * cfg.grid_freq + freq_index]
+            cls = stored[:1]
+        return torch.cat([cls, rows]) if start == 0 else rows
+
+    def position_table(self, grid_time: int, positions: str = "auto") -> torch.Tensor:
+        """Positions [1 + grid_time * grid_freq, D] for a sequence of `grid_time` token columns."""
+        return self.position_rows(0, 1 + grid_time * self.config.grid_freq, positions)
+
+    @torch.no_grad()
+    def forward_sequence(self, spectrogram: torch.Tensor, segment_tokens: int = 8192,
+                         positions: str = "auto") -> torch.Tensor:
+        """Normalised log-mel [B, 1, T, F], T any multiple of `patch_frames` -> tokens [B, T/pt * F/pf, D].
+
+        One sequence per clip (CLS first), block by block over segments of `segment_tokens` tokens
+        with each block's recurrent state carried between segments (reversed blocks walk the
+        segments back to front), so time and memory grow linearly with T. Needs blocks with
+        `forward_stream` (SSAM, AxLSTM). Memory: the input, two [B, tokens, D] activations and one
+        segment's intermediates.
+        """
+        cfg = self.config
+        if not all(hasattr(block, "forward_stream") for block in self.blocks):
+            raise ValueError(f"{cfg.arch} has no recurrent blocks: encode it in inputs of {cfg.num_frames} frames")
+        if spectrogram.ndim != 4 or spectrogram.shape[2] % cfg.patch_frames or spectrogram.shape[3] != cfg.num_mels:
+            raise ValueError(f"spectrogram must be [B, 1, {cfg.patch_frames}k frames, {cfg.num_mels}], "
+                             f"got {tuple(spectrogram.shape)}")
+        positions = self.resolve_positions(positions)
+        columns = spectrogram.shape[2] // cfg.patch_frames
+        length = 1 + columns * cfg.grid_freq
+        x = spectrogram.new_empty(spectrogram.shape[0], length, cfg.embed_dim)
+        x[:, 0] = self.cls_token[0, 0] + self.position_rows(0, 1, positions)[0]
+        step = max(1, segment_tokens // cfg.grid_freq)  # patch embedding, column-aligned segments
+        for first in range(0, columns, step):
+            last = min(first + step, columns)
+            frames = spectrogram[:, :, first * cfg.patch_frames:last * cfg.patch_frames]
+            start, stop = 1 + first * cfg.grid_freq, 1 + last * cfg.grid_freq
+            x[:, start:stop] = self.patch_embed(frames) + self.position_rows(start, stop, positions)
+        bounds = [(start, min(start + segment_tokens, length)) for start in range(0, length, segment_tokens)]
+        for block in self.blocks:
+            out = torch.empty_like(x)
+            state = None
+            for start, stop in reversed(bounds) if getattr(block, "reverse", False) else bounds:
+                out[:, start:stop], state = block.forward_stream(x[:, start:stop], state)
+            x = out
+        for start, stop in bounds:
+            x[:, start:stop] = self.encoder_norm(x[:, start:stop])
+        return x[:, 1:]
 
     @torch.no_grad()
     def reset_shared_parameters(self) -> None:

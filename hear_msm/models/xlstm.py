@@ -11,8 +11,8 @@ the authors' checkpoint names. This file adds the block around it: a weight-only
 scales by (1 + weight) and the direction flip.
 
 xlstm's mLSTM runs in its parallel form: an S x S gate matrix, quadratic in length, fine for the
-251 tokens of a 2 s chunk. For long sequences (HEAR full-sequence mode) `mlstm_chunkwise` gives
-the same function in time and memory linear in S: exact attention inside chunks of 64 tokens, a
+251 tokens of a 2 s chunk. For long sequences (HEAR full-sequence mode) `mlstm_blockwise` gives
+the same function in time and memory linear in S: exact attention inside blocks of 64 tokens, a
 carried matrix memory (C, n, m) between them. Its stabiliser m equals the parallel form's
 row-wise maximum, so the two agree to float rounding (tests/test_speed_paths.py).
 
@@ -82,7 +82,7 @@ def mlstm_layer_forward(layer: nn.Module, x: torch.Tensor, state: tuple | None =
                         carry: bool = False) -> torch.Tensor | tuple[torch.Tensor, tuple]:
     """xlstm's `mLSTMLayer.forward` [B, L, D] -> [B, L, D], computed faster on CPU.
 
-    The same function as the layer's own forward with the chunkwise cell (linear in L, and
+    The same function as the layer's own forward with the blockwise cell (linear in L, and
     1.4-2x faster than the parallel form even at L = 251) and both gate projections in one
     matmul. With `carry=True` it continues from `state` (None at the start: the
     previous segment's last conv inputs and the mLSTM memory) and returns (output, state).
@@ -107,9 +107,9 @@ def mlstm_layer_forward(layer: nn.Module, x: torch.Tensor, state: tuple | None =
     heads = cell.config.num_heads
     q, k, v = (t.view(b, length, heads, -1).transpose(1, 2) for t in (q, k, v))
     if carry:
-        h, cell_state = mlstm_ops.mlstm_chunkwise(q, k, v, igate, fgate, state=cell_state)
+        h, cell_state = mlstm_ops.mlstm_blockwise(q, k, v, igate, fgate, state=cell_state)
     else:
-        h = mlstm_ops.mlstm_chunkwise(q, k, v, igate, fgate)
+        h = mlstm_ops.mlstm_blockwise(q, k, v, igate, fgate)
     h = cell.outnorm(h).transpose(1, 2).reshape(b, length, -1)
     h = (h + layer.learnable_skip * x_conv) * layer.ogate_act_fn(z)
     out = layer.proj_down(h)
@@ -193,14 +193,14 @@ class XLSTMBlock(nn.Module):
         return x + out, state
 
 
-MLSTM_FORMS = ("parallel", "chunkwise")
+MLSTM_FORMS = ("parallel", "blockwise")
 
 
 def set_mlstm_form(model: nn.Module, form: str) -> None:
-    """Runtime choice for sequences of up to 251 tokens (longer ones always run chunkwise).
+    """Runtime choice for sequences of up to 251 tokens (longer ones always run blockwise).
 
     "parallel" (default): xlstm's own layer forward, bit-identical to the authors' models.
-    "chunkwise": `mlstm_layer_forward`, 1.2-1.4x faster on CPU; the same function, but float32
+    "blockwise": `mlstm_layer_forward`, 1.2-1.4x faster on CPU; the same function, but float32
     rounding differs by up to ~3e-5 relative (it is the closer of the two to a float64 run:
     benchmarks/README.md), so it is opt-in.
     """
@@ -213,7 +213,7 @@ def set_mlstm_form(model: nn.Module, form: str) -> None:
 
 def set_mlstm_kernel(model: nn.Module, kernel: str) -> None:
     """Runtime choice for the parallel form's gate-matrix work (2 s chunks; longer sequences run
-    `mlstm_chunkwise`):
+    `mlstm_blockwise`):
 
     "auto" (default): the compiled CPU kernel for inference on CPU, bit-identical to xlstm's
         PyTorch form (which runs otherwise: with gradients, on GPU, or without a C compiler);

@@ -3,7 +3,7 @@
 - `selective_scan`: Mamba's scan. PyTorch reference; compiled CPU scan with a compiled backward
   (`csrc/selective_scan.c`); mamba-ssm's fused CUDA kernel when installed and on a GPU.
 - `mlstm`: the mLSTM cell. xlstm's PyTorch parallel form (reference); a compiled CPU gate kernel
-  for inference (`csrc/mlstm.c`); a chunkwise form, linear in length, for long sequences.
+  for inference (`csrc/mlstm.c`); a blockwise form, linear in length, for long sequences.
 - `compiled`: builds, caches and loads the C sources with the system compiler, and runs their
   thread split on PyTorch's OpenMP team.
 

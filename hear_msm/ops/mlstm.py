@@ -184,9 +184,10 @@ def _run(function, count: int, length: int, *args) -> None:
         job.result()
 
 
-def mlstm_chunkwise(queries, keys, values, igate_preact, fgate_preact, state=None, chunk_size: int = 64,
+def mlstm_blockwise(queries, keys, values, igate_preact, fgate_preact, state=None, block_tokens: int = 64,
                     eps: float = 1e-6, **unused):
-    """mLSTM cell, chunkwise form: the function of xlstm's `parallel_stabilized_simple`, linear in S.
+    """mLSTM cell, blockwise form (xlstm calls it "chunkwise"): the function of xlstm's
+    `parallel_stabilized_simple`, linear in S, exact attention inside blocks of `block_tokens`.
 
     queries, keys, values: [B, NH, S, DH]; igate_preact, fgate_preact: [B, NH, S, 1];
     state: None or (C [B, NH, DH, DH], n [B, NH, DH], m [B, NH]) from a previous segment, with C
@@ -205,10 +206,10 @@ def mlstm_chunkwise(queries, keys, values, igate_preact, fgate_preact, state=Non
         n_mem = queries.new_zeros(batch, heads, dim)
         m_mem = queries.new_full((batch, heads), -math.inf)
     outputs = []
-    for start in range(0, length, chunk_size):
-        stop = min(start + chunk_size, length)
+    for start in range(0, length, block_tokens):
+        stop = min(start + block_tokens, length)
         q, k, v = queries[:, :, start:stop], keys[:, :, start:stop], values[:, :, start:stop]
-        cum = torch.cumsum(log_f[:, :, start:stop], dim=-1)  # [B, NH, T] forget sum since chunk start
+        cum = torch.cumsum(log_f[:, :, start:stop], dim=-1)  # [B, NH, T] forget sum since block start
         size = stop - start
         causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
         # log weight of token j for row i: sum of log f over (j, i] + i_j; of the memory: cum_i + m
@@ -224,7 +225,7 @@ def mlstm_chunkwise(queries, keys, values, igate_preact, fgate_preact, state=Non
         outputs.append(numerator / (normaliser + eps))
         if stop == length and not carry:
             break
-        # memory at the chunk end, stabilised by its own maximum
+        # memory at the block end, stabilised by its own maximum
         log_w = cum[..., -1:] - cum + igate[:, :, start:stop]  # [B, NH, T]
         m_new = torch.maximum(cum[..., -1] + m_mem, log_w.amax(dim=-1))
         decay = torch.exp(cum[..., -1] + m_mem - m_new)[..., None]  # [B, NH, 1]
