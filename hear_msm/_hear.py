@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .models.encoder import POSITION_MODES, SpectrogramEncoder
-from ._frontend import HOP_SAMPLES, SAMPLE_RATE, LogMelFrontend
+from ._frontend import HOP_SAMPLES, SAMPLE_RATE, LogMelFrontend, build_frontend
 
 LAYOUTS = ("time", "official")
 SEQUENCES = ("chunked", "full")
@@ -78,7 +78,7 @@ class HearModel(nn.Module):
         if max_batch_chunks is not None and int(max_batch_chunks) < 1:
             raise ValueError(f"max_batch_chunks must be a positive integer or None, got {max_batch_chunks!r}")
         self.encoder = encoder.eval()
-        self.frontend = LogMelFrontend(encoder.config.num_mels)
+        self.frontend = build_frontend(encoder.config)
         self.layout = layout
         self._max_batch_chunks = None if max_batch_chunks is None else int(max_batch_chunks)
         self.sequence = sequence

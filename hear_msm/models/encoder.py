@@ -1,14 +1,17 @@
-"""The encoder shell shared by all three families, and the masked-spectrogram model around it.
+"""The encoder shell shared by every family, and the masked-spectrogram model around it.
 
-Every hear_msm encoder reads a log-mel patch grid the same way (Yadav, Theodoridis & Tan's
-SSAST / SSAM / AxLSTM, after Gong et al.'s SSAST):
+Every hear_msm encoder reads a spectrogram patch grid (Gong et al.'s SSAST and its descendants);
+for the 80-mel families of Yadav et al. (SSAST / SSAM / AxLSTM):
 
-    log-mel [B, 1, T=200, F=80]  --Conv2d(k=s=(4, 16))-->  [B, 50 * 5, D] time-major tokens
-    + fixed 2-D sin-cos positions, CLS prepended  -->  [B, 251, D]
+    features [B, 1, T=200, F=80]  --Conv2d(k=s=(4, 16))-->  [B, 50 * 5, D] tokens (token_order)
+    + positions (fixed 2-D sin-cos or learned), CLS prepended (cls_token)  -->  [B, 251, D]
     --> depth x pre-norm residual block (attention | Mamba | mLSTM)  --> LayerNorm
+    --> forward_features: patch tokens [B, 250, D] in time-major order (index = t * 5 + f)
 
-Only the residual block differs between families; it comes from a factory in the family's file.
-Parameter names follow the authors' checkpoints exactly, so their `.pth` files load strictly.
+The config names the front end (feature kind and bins), the patch geometry and token order, CLS and
+position kind, so other families are presets of the same shell. Only the residual block differs
+between families; it comes from a factory in the family's file. Parameter names follow the
+authors' checkpoints exactly, so their `.pth` files load strictly.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 CONFIG_FORMAT_VERSION = 1
+TOKEN_ORDERS = ("time_major", "freq_major")
+POSITION_KINDS = ("sincos", "learned")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,10 +43,19 @@ class EncoderConfig:
     patch_frames: int = 4  # patch height along time -> one token column = 40 ms
     patch_mels: int = 16
     norm_eps: float = 1e-6  # final LayerNorm (and SSAST/SSAM block norms)
+    frontend: str = "logmel"  # feature kind, one of hear_msm._frontend.FRONTENDS (bins: num_mels)
+    token_order: str = "time_major"  # inside the encoder: t * grid_freq + f, or "freq_major": f * grid_time + t
+    cls_token: bool = True  # a CLS token is prepended (forward_features drops its output)
+    positions: str = "sincos"  # "sincos": the fixed 2-D table (stored, not trained); "learned": trained
 
     family = "base"  # class attribute, not a field: each family subclass sets it
 
     def __post_init__(self):
+        for name, accepted in (("token_order", TOKEN_ORDERS), ("positions", POSITION_KINDS)):
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"{self.arch}: {name} must be one of {accepted}, got {getattr(self, name)!r}")
+        if self.positions == "sincos" and self.token_order != "time_major":
+            raise ValueError(f"{self.arch}: the 2-D sin-cos table is defined for time-major tokens only")
         if self.num_frames % self.patch_frames or self.num_mels % self.patch_mels:
             raise ValueError(
                 f"{self.arch}: input {self.num_frames}x{self.num_mels} is not divisible into "
@@ -134,8 +148,12 @@ class PatchEmbed(nn.Module):
         patch = (config.patch_frames, config.patch_mels)
         self.proj = nn.Conv2d(1, config.embed_dim, kernel_size=patch, stride=patch)
 
+        self.freq_major = config.token_order == "freq_major"
+
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         grid = self.proj(spectrogram)  # [B, D, T/pt, F/pf]
+        if self.freq_major:
+            grid = grid.transpose(2, 3)  # index = f * (T/pt) + t
         return grid.flatten(2).transpose(1, 2)  # index = t * (F/pf) + f
 
 
@@ -151,9 +169,12 @@ class SpectrogramEncoder(nn.Module):
         self.config = config
         dim = config.embed_dim
         self.patch_embed = PatchEmbed(config)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        # Fixed, but a parameter (not a buffer) because the official checkpoints store it there.
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, dim), requires_grad=False)
+        self.num_prefix = int(config.cls_token)  # tokens before the patches
+        if config.cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # A sin-cos table is fixed, but a parameter (not a buffer): the official checkpoints store it there.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + config.num_patches, dim),
+                                      requires_grad=config.positions == "learned")
         self.blocks = nn.ModuleList(block_factory(i) for i in range(config.depth))
         self.encoder_norm = nn.LayerNorm(dim, eps=config.norm_eps)
 
@@ -165,19 +186,37 @@ class SpectrogramEncoder(nn.Module):
                 f"{self.config.arch} expects log-mel input of shape [batch, {expected[0]}, "
                 f"{expected[1]}, {expected[2]}] (time first), got {tuple(spectrogram.shape)}"
             )
-        return self.patch_embed(spectrogram) + self.pos_embed[:, 1:]
+        return self.patch_embed(spectrogram) + self.pos_embed[:, self.num_prefix:]
 
     def encode_tokens(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """Patch tokens [B, N, D] -> normalised outputs [B, 1 + N, D] (CLS first)."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patch_tokens.shape[0], -1, -1)
-        x = torch.cat([cls, patch_tokens], dim=1)
+        """Patch tokens [B, N, D] (token_order) -> normalised outputs [B, prefix + N, D] (CLS first if any)."""
+        x = patch_tokens
+        if self.config.cls_token:
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(patch_tokens.shape[0], -1, -1)
+            x = torch.cat([cls, patch_tokens], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.encoder_norm(x)
 
     def forward_features(self, spectrogram: torch.Tensor) -> torch.Tensor:
-        """[B, 1, T, F] normalised log-mel -> patch token embeddings [B, N, D], time-major."""
-        return self.encode_tokens(self.embed_patches(spectrogram))[:, 1:]
+        """[B, 1, T, F] normalised features -> patch token embeddings [B, N, D], time-major
+        (index = t * grid_freq + f) whatever the encoder's internal token order."""
+        tokens = self.encode_tokens(self.embed_patches(spectrogram))[:, self.num_prefix:]
+        return self.to_time_major(tokens)
+
+    def to_time_major(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens [B, N, D] in this encoder's token order -> time-major order."""
+        if self.config.token_order == "time_major":
+            return tokens
+        cfg = self.config
+        return tokens.reshape(-1, cfg.grid_freq, cfg.grid_time, tokens.shape[-1]).transpose(1, 2).flatten(1, 2)
+
+    def from_time_major(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_time_major`: [B, N, C] time-major -> this encoder's token order."""
+        if self.config.token_order == "time_major":
+            return tokens
+        cfg = self.config
+        return tokens.reshape(-1, cfg.grid_time, cfg.grid_freq, tokens.shape[-1]).transpose(1, 2).flatten(1, 2)
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         return self.forward_features(spectrogram)
@@ -227,6 +266,8 @@ class SpectrogramEncoder(nn.Module):
         segment's intermediates.
         """
         cfg = self.config
+        if cfg.token_order != "time_major" or not cfg.cls_token:
+            raise ValueError(f"{cfg.arch}: sequences longer than one input need time-major tokens after a CLS token")
         if not all(hasattr(block, "forward_stream") for block in self.blocks):
             raise ValueError(f"{cfg.arch} has no recurrent blocks: encode it in inputs of {cfg.num_frames} frames")
         if spectrogram.ndim != 4 or spectrogram.shape[2] % cfg.patch_frames or spectrogram.shape[3] != cfg.num_mels:
@@ -258,8 +299,13 @@ class SpectrogramEncoder(nn.Module):
     def reset_shared_parameters(self) -> None:
         """Initialise what all families share: sin-cos positions, CLS, patch projection, norm."""
         cfg = self.config
-        self.pos_embed.copy_(sincos_2d_position_table(cfg.embed_dim, cfg.grid_time, cfg.grid_freq)[None])
-        nn.init.normal_(self.cls_token, std=0.02)
+        if cfg.token_order == "time_major":  # learned tables start from the sin-cos one too (MAE)
+            table = sincos_2d_position_table(cfg.embed_dim, cfg.grid_time, cfg.grid_freq)
+            self.pos_embed.copy_(table[1 - self.num_prefix:][None])
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if cfg.cls_token:
+            nn.init.normal_(self.cls_token, std=0.02)
         nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(cfg.embed_dim, -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.ones_(self.encoder_norm.weight)
@@ -312,17 +358,17 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
 
     def forward(self, spectrogram: torch.Tensor, mask: torch.Tensor,
                 decoder: nn.Module | None = None) -> torch.Tensor:
-        """Predict patch values: [B, 1, T, F], mask [B, N] (True = masked) -> [B, N, pt * pf].
+        """Predict patch values: [B, 1, T, F], mask [B, N] (True = masked) -> [B, N, pt * pf], both time-major.
 
-        `decoder` (training only, not part of the checkpoint): a module [B, 1 + N, D] -> [B, 1 + N, D]
+        `decoder` (training only, not part of the checkpoint): a module [B, prefix + N, D] -> same shape
         run between the encoder and the prediction head (see `hear_msm.transformer.build_training_decoder`).
         """
-        tokens = self.embed_patches(spectrogram)
-        tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
+        tokens = self.embed_patches(spectrogram)  # the encoder's token order; mask and outputs are time-major
+        tokens = torch.where(self.from_time_major(mask[..., None]), self.mask_token.to(tokens.dtype), tokens)
         encoded = self.encode_tokens(tokens)
         if decoder is not None:
             encoded = decoder(encoded)
-        return self.pred(encoded[:, 1:])
+        return self.to_time_major(self.pred(encoded[:, self.num_prefix:]))
 
     def reconstruction_loss(self, spectrogram: torch.Tensor, mask: torch.Tensor,
                             masked_only: bool = False, patch_normalized_targets: bool = False,
