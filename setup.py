@@ -17,9 +17,12 @@ setup(
     python_requires=">=3.10",
     # `weights/` (the registry of weight tags and the shipped demo weights) sits at the top of the
     # repository per the design card and is installed as the subpackage `hear_msm.weights`.
-    packages=["hear_msm", "hear_msm.weights"],
+    packages=["hear_msm", "hear_msm.models", "hear_msm.ops", "hear_msm.weights"],
     package_dir={"hear_msm": "hear_msm", "hear_msm.weights": "weights"},
-    package_data={"hear_msm.weights": ["*.json", "*/*.json", "*/*.safetensors", "*/*.md", "*/*.png"]},
+    package_data={
+        "hear_msm.weights": ["*.json", "*/*.json", "*/*.safetensors", "*/*.md", "*/*.png"],
+        "hear_msm.ops": ["csrc/*.c"],  # compiled on first use with the system C compiler
+    },
     install_requires=[
         "torch>=2.4",
         "torchaudio>=2.4",

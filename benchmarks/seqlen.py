@@ -3,7 +3,7 @@
 
 For each family (tiny models, random weights) and each length from 2 s to 10 min, one clip's
 log-mel goes through the encoder as a single token sequence (5 tokens per 40 ms + CLS):
-SSAM and AxLSTM through `encode_full_sequence` (HEAR full-sequence mode: segments of 8192
+SSAM and AxLSTM through `SpectrogramEncoder.forward_sequence` (HEAR full-sequence mode: segments of 8192
 tokens with carried state), SSAST through its blocks on the whole sequence (attention over all
 tokens, positions extended analytically) until a length's predicted time exceeds --max-seconds.
 Each point runs in a fresh subprocess so that peak RSS (ru_maxrss) belongs to that forward alone;
@@ -27,7 +27,6 @@ MODELS = ["ssast_tiny", "ssam_tiny", "axlstm_tiny"]
 
 def one_point(arch: str, seconds: float, threads: int) -> dict:
     import hear_msm
-    from hear_msm._hear import encode_full_sequence, position_table
     from _util import peak_rss_mb
 
     torch.set_num_threads(threads)
@@ -40,13 +39,13 @@ def one_point(arch: str, seconds: float, threads: int) -> dict:
     with torch.no_grad():
         if arch.startswith("ssast"):
             patches = encoder.patch_embed(spectrogram)
-            table = position_table(encoder, frames // 4, "extend")  # SSAST: whole table (small next to attention)
+            table = encoder.position_table(frames // 4, "extend")  # SSAST: whole table (small next to attention)
             x = torch.cat([encoder.cls_token + table[:1], patches + table[1:]], dim=1)
             for block in encoder.blocks:
                 x = block(x)
             tokens = encoder.encoder_norm(x)[:, 1:]
         else:
-            tokens = encode_full_sequence(encoder, spectrogram)
+            tokens = encoder.forward_sequence(spectrogram)
     elapsed = time.perf_counter() - start
     return {"model": arch, "seconds_audio": seconds, "tokens": tokens.shape[1] + 1, "time_s": elapsed,
             "peak_mb": peak_rss_mb() - base, "threads": threads}

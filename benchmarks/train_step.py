@@ -21,7 +21,7 @@ import torch
 
 def one_kernel(arch: str, kernel: str, batch: int, repeats: int, threads: int) -> dict:
     import hear_msm
-    from hear_msm.mamba import set_kernel
+    from hear_msm.models.mamba import set_kernel
     from _util import peak_rss_mb
 
     torch.set_num_threads(threads)

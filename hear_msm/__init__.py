@@ -15,14 +15,12 @@ import os
 __version__ = "0.1.0"
 
 # The family modules register their presets on import; this order is the order of list_models().
-from . import transformer as _transformer  # noqa: E402  isort: skip
-from . import mamba as _mamba  # noqa: E402  isort: skip
-from . import xlstm as _xlstm  # noqa: E402  isort: skip
-from ._encoder import EncoderConfig, MaskedSpectrogramModel, SpectrogramEncoder  # noqa: E402
-from ._registry import list_models  # noqa: E402
-from .mamba import MambaConfig  # noqa: E402
-from .transformer import TransformerConfig  # noqa: E402
-from .xlstm import XLSTMConfig  # noqa: E402
+from . import models as _models  # noqa: E402,F401  registers the families
+from .models.encoder import EncoderConfig, MaskedSpectrogramModel, SpectrogramEncoder  # noqa: E402
+from .models.registry import list_models  # noqa: E402
+from .models.mamba import MambaConfig  # noqa: E402
+from .models.transformer import TransformerConfig  # noqa: E402
+from .models.xlstm import XLSTMConfig  # noqa: E402
 
 __all__ = [
     "__version__", "list_models", "create_model", "load_model",
@@ -41,11 +39,11 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
     kernel: "auto" | "cuda" | "cpu" | "reference", the selective-scan implementation (SSAM):
         "auto" takes mamba-ssm's fused kernel on CUDA and the compiled CPU scan for inference on
         CPU, else the PyTorch reference; "cpu" (inference only) and "cuda" demand their kernel.
-        For AxLSTM the mLSTM gate kernel (`hear_msm.xlstm.set_mlstm_kernel`): "auto" takes the
+        For AxLSTM the mLSTM gate kernel (`hear_msm.models.xlstm.set_mlstm_kernel`): "auto" takes the
         compiled CPU kernel for inference on CPU (bit-identical), "cpu" demands it, "cuda" and
         "reference" keep xlstm's PyTorch form.
     """
-    from ._registry import model_builder
+    from .models.registry import model_builder
 
     arch, _, tag = name.partition(".")
     if tag:

@@ -1,4 +1,9 @@
-"""Log-mel features exactly as the authors compute them (torchaudio MelSpectrogram)."""
+"""Front ends: waveforms at 16 kHz -> the normalised features an encoder reads, time first.
+
+An encoder's config names its front end (`EncoderConfig.frontend`, a key of `FRONTENDS`) and its
+bins (`num_mels`); `build_frontend(config)` makes it. "logmel" is the 80-mel log-mel of Yadav et
+al.'s SSAST / SSAM / AxLSTM, exactly as the authors compute it (torchaudio MelSpectrogram).
+"""
 from __future__ import annotations
 
 import torch
@@ -34,3 +39,13 @@ class LogMelFrontend(nn.Module):
     @staticmethod
     def num_frames(num_samples: int) -> int:
         return num_samples // HOP_SAMPLES + 1
+
+
+FRONTENDS = {"logmel": LogMelFrontend}
+
+
+def build_frontend(config) -> nn.Module:
+    """The front end an encoder config names, with its number of bins."""
+    if config.frontend not in FRONTENDS:
+        raise ValueError(f"{config.arch}: front end {config.frontend!r} is unknown; known: {sorted(FRONTENDS)}")
+    return FRONTENDS[config.frontend](config.num_mels)

@@ -30,7 +30,8 @@ Sequence modes (recurrent encoders, SSAM and AxLSTM, with the "time" layout):
               trained by hear_msm or the authors' code, where it is computed, never learned) the
               table is computed for any number of time steps, so positions keep the meaning
               they had in training (t * 40 ms); otherwise (or with positions="tile") the stored
-              50 columns repeat every 2 s, which is what chunked mode sees.
+              50 columns repeat every 2 s, which is what chunked mode sees. The encoder owns this
+              (`SpectrogramEncoder.forward_sequence`, `position_rows`); the runtime only cuts clips.
 """
 from __future__ import annotations
 
@@ -42,12 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._encoder import SpectrogramEncoder, sincos_2d_position_table
-from ._frontend import HOP_SAMPLES, SAMPLE_RATE, LogMelFrontend
+from .models.encoder import POSITION_MODES, SpectrogramEncoder
+from ._frontend import HOP_SAMPLES, SAMPLE_RATE, LogMelFrontend, build_frontend
 
 LAYOUTS = ("time", "official")
 SEQUENCES = ("chunked", "full")
-POSITIONS = ("auto", "extend", "tile")
 
 
 class HearModel(nn.Module):
@@ -63,8 +63,8 @@ class HearModel(nn.Module):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if sequence not in SEQUENCES:
             raise ValueError(f"sequence must be one of {SEQUENCES}, got {sequence!r}")
-        if positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
         if sequence == "full":
             if layout != "time":
                 raise ValueError("sequence='full' needs layout='time' (the official layout is defined per 2 s chunk)")
@@ -78,7 +78,7 @@ class HearModel(nn.Module):
         if max_batch_chunks is not None and int(max_batch_chunks) < 1:
             raise ValueError(f"max_batch_chunks must be a positive integer or None, got {max_batch_chunks!r}")
         self.encoder = encoder.eval()
-        self.frontend = LogMelFrontend(encoder.config.num_mels)
+        self.frontend = build_frontend(encoder.config)
         self.layout = layout
         self._max_batch_chunks = None if max_batch_chunks is None else int(max_batch_chunks)
         self.sequence = sequence
@@ -178,8 +178,8 @@ class HearModel(nn.Module):
             region = columns * self.column_frames
             if features.shape[1] < region:
                 features = torch.nn.functional.pad(features, (0, 0, 0, region - features.shape[1]))
-            tokens = encode_full_sequence(self.encoder, features[:, None, :region], self.segment_tokens,
-                                          self.positions)  # [c, columns * 5, D]
+            tokens = self.encoder.forward_sequence(features[:, None, :region], self.segment_tokens,
+                                                   self.positions)  # [c, columns * 5, D]
             yield torch.arange(clip_start, clip_start + clips.shape[0]), tokens.reshape(clips.shape[0], columns, -1)
 
     def _columns(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -224,85 +224,6 @@ class HearModel(nn.Module):
                 seen[i] += clip_frames.shape[0]
         device = next(self.encoder.parameters()).device
         return (sums / count).float().to(device)
-
-
-def position_table(encoder: SpectrogramEncoder, grid_time: int, positions: str = "auto") -> torch.Tensor:
-    """Positions [1 + grid_time * grid_freq, D] for a sequence of `grid_time` token columns.
-
-    "extend": the analytic 2-D sin-cos table for any length; "tile": the stored 50-column table
-    repeated every 2 s; "auto": "extend" when the stored table is the analytic one, else "tile".
-    """
-    return position_rows(encoder, 0, 1 + grid_time * encoder.config.grid_freq, positions)
-
-
-def resolve_positions(encoder: SpectrogramEncoder, positions: str) -> str:
-    if positions != "auto":
-        return positions
-    cfg = encoder.config
-    stored = encoder.pos_embed[0].detach()
-    analytic = sincos_2d_position_table(cfg.embed_dim, cfg.grid_time, cfg.grid_freq).to(stored)
-    return "extend" if torch.allclose(stored, analytic, atol=1e-5, rtol=0) else "tile"
-
-
-def position_rows(encoder: SpectrogramEncoder, start: int, stop: int, positions: str = "auto") -> torch.Tensor:
-    """Rows [start, stop) of the long position table (row 0 = CLS), float32 [stop - start, D],
-    computed without building the whole table (an hour is 450k rows)."""
-    cfg = encoder.config
-    stored = encoder.pos_embed[0].detach()
-    positions = resolve_positions(encoder, positions)
-    index = torch.arange(max(start, 1) - 1, stop - 1, device=stored.device)  # token index without CLS
-    time_index, freq_index = index // cfg.grid_freq, index % cfg.grid_freq
-    if positions == "extend":
-        # the formula of `sincos_2d_position_table`, in float64 as there, for these rows only
-        quarter = cfg.embed_dim // 4
-        omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=stored.device) / quarter)
-
-        def encode(values: torch.Tensor) -> torch.Tensor:
-            angles = values.to(torch.float64)[:, None] * omega[None, :]
-            return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-        rows = torch.cat([encode(freq_index), encode(time_index)], dim=1).float()
-        cls = torch.zeros(1, cfg.embed_dim, device=stored.device)
-    else:
-        rows = stored[1 + (time_index % cfg.grid_time) * cfg.grid_freq + freq_index]
-        cls = stored[:1]
-    return torch.cat([cls, rows]) if start == 0 else rows
-
-
-@torch.no_grad()
-def encode_full_sequence(encoder: SpectrogramEncoder, spectrogram: torch.Tensor, segment_tokens: int = 8192,
-                         positions: str = "auto") -> torch.Tensor:
-    """Normalised log-mel [B, 1, T, F] with T any multiple of 4 frames -> tokens [B, T/4 * 5, D].
-
-    One sequence per clip (CLS first), block by block over segments of `segment_tokens` tokens
-    with each block's recurrent state carried between segments (reversed blocks walk the
-    segments back to front). Needs blocks with `forward_stream` (SSAM, AxLSTM). Memory: the
-    input, two [B, tokens, D] activations and one segment's intermediates.
-    """
-    cfg = encoder.config
-    if spectrogram.shape[2] % cfg.patch_frames or spectrogram.shape[3] != cfg.num_mels:
-        raise ValueError(f"spectrogram must be [B, 1, 4k frames, {cfg.num_mels}], got {tuple(spectrogram.shape)}")
-    positions = resolve_positions(encoder, positions)
-    columns = spectrogram.shape[2] // cfg.patch_frames
-    length = 1 + columns * cfg.grid_freq
-    x = spectrogram.new_empty(spectrogram.shape[0], length, cfg.embed_dim)
-    x[:, 0] = encoder.cls_token[0, 0] + position_rows(encoder, 0, 1, positions)[0]
-    step = max(1, segment_tokens // cfg.grid_freq)  # patch embedding, column-aligned segments
-    for first in range(0, columns, step):
-        last = min(first + step, columns)
-        frames = spectrogram[:, :, first * cfg.patch_frames:last * cfg.patch_frames]
-        start, stop = 1 + first * cfg.grid_freq, 1 + last * cfg.grid_freq
-        x[:, start:stop] = encoder.patch_embed(frames) + position_rows(encoder, start, stop, positions)
-    bounds = [(start, min(start + segment_tokens, length)) for start in range(0, length, segment_tokens)]
-    for block in encoder.blocks:
-        out = torch.empty_like(x)
-        state = None
-        for start, stop in reversed(bounds) if getattr(block, "reverse", False) else bounds:
-            out[:, start:stop], state = block.forward_stream(x[:, start:stop], state)
-        x = out
-    for start, stop in bounds:
-        x[:, start:stop] = encoder.encoder_norm(x[:, start:stop])
-    return x[:, 1:]
 
 
 def validate_audio(audio, min_samples: int) -> torch.Tensor:
@@ -350,7 +271,7 @@ def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", 
     sequence: "chunked" (default, 2 s chunks as in pretraining) or "full" (SSAM/AxLSTM only: the
         whole clip as one sequence, linear time and memory); see this module's docstring.
     segment_tokens: full mode only, tokens per segment (5 per 40 ms); bounds working memory.
-    positions: full mode only, "auto" | "extend" | "tile" (see `position_table`).
+    positions: full mode only, "auto" | "extend" | "tile" (see `SpectrogramEncoder.position_rows`).
     """
     from . import create_model
 

@@ -15,7 +15,7 @@ __all__ = ["download_file", "parse_hf_uri", "sha256_of_file"]
 _HF_URI = re.compile(r"^hf://(?P<org>[A-Za-z0-9][\w.-]*)/(?P<name>[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^@\s]+))?$")
 _HF_URI_FORM = "hf://<org>/<repo> or hf://<org>/<repo>@<revision> (a branch, tag or 40-hex commit)"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK_BYTES = 1 << 20
+_BLOCK_BYTES = 1 << 20
 
 
 def parse_hf_uri(uri: str) -> tuple[str, str | None]:
@@ -133,11 +133,11 @@ def download_file(
 
 
 def sha256_of_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks so large weights never sit in memory at once."""
+    """Hex SHA-256 of a file, read in 1 MiB blocks so large weights never sit in memory at once."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(_CHUNK_BYTES), b""):
-            digest.update(chunk)
+        for block in iter(lambda: file.read(_BLOCK_BYTES), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 

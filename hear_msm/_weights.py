@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import _checkpoint, _hub
-from ._encoder import EncoderConfig, MaskedSpectrogramModel, config_from_dict
-from ._registry import build_from_config, list_models, model_builder
+from .models.encoder import EncoderConfig, MaskedSpectrogramModel, config_from_dict
+from .models.registry import build_from_config, list_models, model_builder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

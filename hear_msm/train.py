@@ -91,7 +91,7 @@ class TrainConfig:
     export_dtype: str = "float32"
 
     def __post_init__(self):
-        from ._encoder import MASKING_MODES
+        from .models.encoder import MASKING_MODES
 
         if self.mask_mode not in MASKING_MODES:
             raise ValueError(f"mask_mode must be one of {MASKING_MODES}, got {self.mask_mode!r}")
@@ -136,7 +136,7 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------------ pieces
 def build_model(config: TrainConfig):
-    from ._registry import model_builder
+    from .models.registry import model_builder
 
     return model_builder(config.model)(kernel=config.kernel, **config.model_overrides)
 
@@ -169,7 +169,7 @@ class _Objective(nn.Module):
 
     def __init__(self, model, config: "TrainConfig"):
         super().__init__()
-        from .transformer import build_training_decoder
+        from .models.transformer import build_training_decoder
 
         self.model = model
         self.decoder = build_training_decoder(model.config.embed_dim, config.decoder_depth, model.config.norm_eps) \

@@ -5,7 +5,8 @@ from conftest import FIXTURES
 from numerics import assert_float64_anchored, relative_error
 from safetensors.torch import load_file
 
-from hear_msm.mamba import MambaConfig, MambaMixer, selective_scan_reference, set_kernel, use_cuda_kernel
+from hear_msm.models.mamba import MambaConfig, MambaMixer, set_kernel
+from hear_msm.ops.selective_scan import selective_scan_reference, use_cuda_kernel
 
 pytestmark = pytest.mark.numerics
 
@@ -98,7 +99,7 @@ class TestKernelDispatch:
 
     def test_forward_calls_the_fused_scan_with_mamba_ssm_conventions(self, monkeypatch):
         """Route a CPU tensor through the CUDA branch with mamba-ssm's own semantics emulated."""
-        import hear_msm.mamba as mamba
+        import hear_msm.models.mamba as mamba
 
         mixer, fixture = _reference_mixer()
         calls = []
@@ -111,8 +112,8 @@ class TestKernelDispatch:
                                          B.transpose(1, 2), C.transpose(1, 2), D)
             return (y * torch.nn.functional.silu(z.transpose(1, 2))).transpose(1, 2)
 
-        monkeypatch.setattr(mamba, "_load_cuda_scan", lambda: fake_selective_scan_fn)
-        monkeypatch.setattr(mamba, "use_cuda_kernel", lambda kernel, tensor_is_cuda: True)
+        monkeypatch.setattr(mamba.scan_ops, "load_cuda_scan", lambda: fake_selective_scan_fn)
+        monkeypatch.setattr(mamba.scan_ops, "resolve", lambda kernel, tensor_is_cuda: "cuda")
         with torch.no_grad():
             out = mixer(fixture["input"])
         assert calls == [torch.Size([2, 96, 37])]

@@ -8,7 +8,7 @@ import torch
 from conftest import TESTS_DIR
 
 import hear_msm
-from hear_msm._encoder import config_from_dict, sincos_2d_position_table
+from hear_msm.models.encoder import config_from_dict, sincos_2d_position_table
 
 OFFICIAL = json.loads((TESTS_DIR / "data" / "official_state_dict_keys.json").read_text())
 # NOTES §1, full checkpoint parameter counts
@@ -112,10 +112,10 @@ def test_axlstm_blocks_alternate_direction():
 
 def test_patch_normalized_targets_and_infonce_match_direct_computations():
     """The two non-official objectives, checked against straightforward per-clip computations."""
-    from hear_msm._encoder import masked_patch_infonce
+    from hear_msm.models.encoder import masked_patch_infonce
 
     torch.manual_seed(0)
-    from hear_msm.transformer import ssast_tiny
+    from hear_msm.models.transformer import ssast_tiny
     model = ssast_tiny(depth=1)
     spec = torch.randn(3, 1, 200, 80) * 2 + 1
     mask = model.sample_mask(3, 0.5, generator=torch.Generator().manual_seed(1))
@@ -143,3 +143,36 @@ def test_patch_normalized_targets_and_infonce_match_direct_computations():
     # timestep masking (whole columns) goes through the same path
     column_mask = model.sample_mask(3, 0.5, mode="timestep")
     assert torch.isfinite(model.reconstruction_loss(spec, column_mask, discriminative_weight=0.1, masked_only=True))
+
+
+def test_shell_options_cls_positions_and_token_order():
+    """The config's CLS, position and token-order options: a CLS-free, learned-position,
+    frequency-major copy of an attention encoder (whose output does not depend on token order
+    once positions move with the tokens) gives the same time-major outputs."""
+    import dataclasses
+
+    from hear_msm.models.transformer import build_transformer
+
+    base = hear_msm.create_model("ssast_tiny").eval()
+    cfg = dataclasses.replace(base.config, cls_token=False, positions="learned", token_order="freq_major")
+    variant = build_transformer(cfg).eval()
+    state = {k: v for k, v in base.state_dict().items() if k != "cls_token"}
+    grid = base.pos_embed[:, 1:].reshape(1, 50, 5, -1)  # time-major rows -> frequency-major
+    state["pos_embed"] = grid.transpose(1, 2).reshape(1, 250, -1)
+    variant.load_state_dict(state, strict=True)
+    assert "cls_token" not in variant.state_dict() and variant.pos_embed.requires_grad
+    x = torch.randn(2, 1, 200, 80)
+    with torch.no_grad():
+        tokens = base.patch_embed(x) + base.pos_embed[:, 1:]
+        for block in base.blocks:
+            tokens = block(tokens)
+        expected = base.encoder_norm(tokens)  # the base encoder run without its CLS token
+        actual = variant.forward_features(x)
+    assert actual.shape == (2, 250, 192)
+    assert (actual - expected).abs().max().item() < 1e-4
+    wrong = variant.from_time_major(actual)  # the frequency-major order is a real permutation
+    assert (wrong - expected).abs().max().item() > 0.1
+    with pytest.raises(ValueError, match="sin-cos"):
+        dataclasses.replace(base.config, token_order="freq_major")
+    with pytest.raises(ValueError, match="token_order"):
+        dataclasses.replace(base.config, token_order="diagonal")

@@ -1,4 +1,4 @@
-"""The compiled CPU selective scan's backward (hear_msm/_cpu_scan.py) against autograd through the
+"""The compiled CPU selective scan's backward (hear_msm/ops/selective_scan.py) against autograd through the
 PyTorch reference scan: outputs and all six gradients, a float64 gradcheck, the channel split
 across threads, and a whole ssam_tiny training step.
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import hear_msm
-from hear_msm import _cpu_scan
-from hear_msm.mamba import selective_scan_reference, set_kernel
+from hear_msm.ops import selective_scan as _cpu_scan
+from hear_msm.models.mamba import set_kernel
+from hear_msm.ops.selective_scan import selective_scan_reference
 
 
 TOLERANCE = 1e-5

@@ -1,5 +1,5 @@
 """Parity of the fast paths with their references: the compiled CPU selective scan (its backward:
-tests/test_scan_backward.py), the chunkwise mLSTM, segment streaming with carried state, and the
+tests/test_scan_backward.py), the blockwise mLSTM, segment streaming with carried state, and the
 HEAR full-sequence mode.
 
 Tolerances are relative (max |diff| / max |reference|) in float32, 1e-5 as in the issue; the
@@ -9,17 +9,25 @@ bit for bit: both are judged against a float64 run (tests/numerics.py), as BLAS 
 round differently on every CPU. Bit-identity is asserted only where the same code runs twice
 (thread splits, segmentation of one kernel's input).
 """
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 from xlstm.blocks.mlstm.backends import parallel_stabilized_simple
 
 import hear_msm
-from hear_msm import _cpu_mlstm, _cpu_scan
-from hear_msm._encoder import sincos_2d_position_table
-from hear_msm._hear import HearModel, position_table
-from hear_msm.mamba import MambaConfig, MambaMixer, selective_scan_reference, set_kernel, use_cpu_kernel
-from hear_msm.xlstm import mlstm_chunkwise, set_mlstm_form, set_mlstm_kernel, use_cpu_mlstm_kernel
+from hear_msm.ops import mlstm as _cpu_mlstm
+from hear_msm.ops import selective_scan as _cpu_scan
+from hear_msm.models.encoder import sincos_2d_position_table
+from hear_msm._hear import HearModel
+from hear_msm.models.mamba import MambaConfig, MambaMixer, set_kernel
+from hear_msm.ops.selective_scan import selective_scan_reference, use_cpu_kernel
+from hear_msm.models.xlstm import set_mlstm_form, set_mlstm_kernel
+from hear_msm.ops.mlstm import mlstm_blockwise
+from hear_msm.ops.mlstm import resolve as resolve_mlstm
 from numerics import assert_float64_anchored, relative_error
 
 pytestmark = pytest.mark.numerics
@@ -133,19 +141,15 @@ def test_kernel_cpu_trains():
 
 def test_cpu_kernel_dispatch():
     present, absent = (lambda: object()), (lambda: None)
-    assert use_cpu_kernel("auto", False, False, present) is True
-    assert use_cpu_kernel("auto", False, False, absent) is False
-    assert use_cpu_kernel("auto", False, True, present) is True  # gradients: compiled backward
-    assert use_cpu_kernel("auto", False, True, absent) is False
-    assert use_cpu_kernel("cpu", False, True, present) is True
-    assert use_cpu_kernel("reference", False, True, present) is False
-    assert use_cpu_kernel("auto", True, False, present) is False  # CUDA tensors: never
-    assert use_cpu_kernel("reference", False, False, present) is False
-    assert use_cpu_kernel("cpu", False, False, present) is True
+    assert use_cpu_kernel("auto", False, present) is True  # with or without gradients: compiled backward
+    assert use_cpu_kernel("auto", False, absent) is False
+    assert use_cpu_kernel("cpu", False, present) is True
+    assert use_cpu_kernel("reference", False, present) is False
+    assert use_cpu_kernel("auto", True, present) is False  # CUDA tensors: never
     with pytest.raises(ValueError, match="compiler"):
-        use_cpu_kernel("cpu", False, False, absent)
+        use_cpu_kernel("cpu", False, absent)
     with pytest.raises(ValueError, match="CPU tensors"):
-        use_cpu_kernel("cpu", True, False, present)
+        use_cpu_kernel("cpu", True, present)
 
 
 @needs_compiler
@@ -162,7 +166,7 @@ def test_whole_ssam_auto_equals_reference():
     assert diff <= TOLERANCE
 
 
-# ----------------------------------------------------------------------------- chunkwise mLSTM
+# ----------------------------------------------------------------------------- blockwise mLSTM
 def _mlstm_inputs(length, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, 4, length, 24, generator=gen, dtype=dtype) for _ in range(3))
@@ -172,19 +176,19 @@ def _mlstm_inputs(length, seed=0, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("length", [1, 64, 65, 251, 700])
-def test_chunkwise_mlstm_matches_parallel_form(length):
+def test_blockwise_mlstm_matches_parallel_form(length):
     inputs = _mlstm_inputs(length)
     exact = parallel_stabilized_simple(*(t.double() for t in inputs))  # float64 ground truth
-    chunkwise = mlstm_chunkwise(*inputs)
+    blockwise = mlstm_blockwise(*inputs)
     parallel = parallel_stabilized_simple(*inputs)
-    diff, parallel_diff = _relative(chunkwise, exact), _relative(parallel, exact)
-    print(length, "chunkwise vs parallel(fp64)", diff, "parallel fp32 vs fp64", parallel_diff,
-          "chunkwise vs parallel fp32", _relative(chunkwise, parallel))
+    diff, parallel_diff = _relative(blockwise, exact), _relative(parallel, exact)
+    print(length, "blockwise vs parallel(fp64)", diff, "parallel fp32 vs fp64", parallel_diff,
+          "blockwise vs parallel fp32", _relative(blockwise, parallel))
     assert diff <= TOLERANCE
-    assert _relative(chunkwise, parallel) <= 2 * TOLERANCE  # both float32: their errors add
+    assert _relative(blockwise, parallel) <= 2 * TOLERANCE  # both float32: their errors add
 
 
-def test_chunkwise_mlstm_gradients_match_parallel_form():
+def test_blockwise_mlstm_gradients_match_parallel_form():
     """Against the float64 parallel form: the float32 parallel form's own gradient error is ~1e-5."""
     weights = torch.randn(2, 4, 251, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
@@ -194,18 +198,18 @@ def test_chunkwise_mlstm_gradients_match_parallel_form():
         return [t.grad for t in inputs]
 
     exact = gradients(parallel_stabilized_simple, torch.float64)
-    chunkwise = [_relative(a, b) for a, b in zip(gradients(mlstm_chunkwise, torch.float32), exact)]
+    blockwise = [_relative(a, b) for a, b in zip(gradients(mlstm_blockwise, torch.float32), exact)]
     parallel = [_relative(a, b) for a, b in zip(gradients(parallel_stabilized_simple, torch.float32), exact)]
-    print("gradients vs parallel fp64 (q, k, v, i, f): chunkwise", chunkwise, "parallel fp32", parallel)
-    assert max(chunkwise) <= TOLERANCE
+    print("gradients vs parallel fp64 (q, k, v, i, f): blockwise", blockwise, "parallel fp32", parallel)
+    assert max(blockwise) <= TOLERANCE
 
 
-def test_chunkwise_mlstm_carries_state_across_segments():
+def test_blockwise_mlstm_carries_state_across_segments():
     inputs = _mlstm_inputs(300)
-    whole = mlstm_chunkwise(*inputs)
+    whole = mlstm_blockwise(*inputs)
     state, pieces = (), []
     for start, stop in [(0, 10), (10, 200), (200, 300)]:
-        piece, state = mlstm_chunkwise(*(t[:, :, start:stop] for t in inputs), state=state)
+        piece, state = mlstm_blockwise(*(t[:, :, start:stop] for t in inputs), state=state)
         pieces.append(piece)
     diff = _relative(torch.cat(pieces, dim=2), whole)
     print("segmented vs one pass, relative", diff)
@@ -281,34 +285,34 @@ def test_full_sequence_is_refused_where_it_does_not_apply():
 def test_position_table_extends_the_analytic_table_and_tiles_others():
     encoder = hear_msm.create_model("ssam_tiny")  # initialised with the analytic table
     stored = encoder.pos_embed[0]
-    assert torch.equal(position_table(encoder, 50), stored)
-    long = position_table(encoder, 120)
+    assert torch.equal(encoder.position_table(50), stored)
+    long = encoder.position_table(120)
     assert torch.equal(long, sincos_2d_position_table(192, 120, 5))
     assert torch.equal(long[: stored.shape[0]], stored)  # time-major: the first 2 s are unchanged
     with torch.no_grad():
         encoder.pos_embed.add_(0.01 * torch.randn_like(encoder.pos_embed))  # no longer analytic
-    tiled = position_table(encoder, 120)
+    tiled = encoder.position_table(120)
     assert torch.equal(tiled[1:251], encoder.pos_embed[0, 1:]) and torch.equal(tiled[251:501], encoder.pos_embed[0, 1:])
     assert torch.equal(tiled[501:], encoder.pos_embed[0, 1:101])
 
 
-def test_whole_axlstm_chunkwise_equals_xlstm_parallel_forward():
-    """The opt-in chunkwise form against xlstm's own layer forward (the default), outputs and gradients."""
+def test_whole_axlstm_blockwise_equals_xlstm_parallel_forward():
+    """The opt-in blockwise form against xlstm's own layer forward (the default), outputs and gradients."""
     torch.manual_seed(0)
     model = hear_msm.create_model("axlstm_tiny")
     x = torch.randn(2, 1, 200, 80)
     weights = torch.randn(2, 250, 192)  # a random linear loss: the LayerNormed outputs' norm is constant
     results = {}
-    for form in ("chunkwise", "parallel"):
+    for form in ("blockwise", "parallel"):
         set_mlstm_form(model, form)
         model.zero_grad()
         out = model.forward_features(x)
         (out * weights).sum().backward()
         results[form] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    (fast, fast_grads), (reference, reference_grads) = results["chunkwise"], results["parallel"]
+    (fast, fast_grads), (reference, reference_grads) = results["blockwise"], results["parallel"]
     diff = _relative(fast, reference)
     grad_diff = max(_relative(fast_grads[n], g) for n, g in reference_grads.items())
-    print("axlstm_tiny chunkwise vs parallel: output", diff, "worst gradient", grad_diff)
+    print("axlstm_tiny blockwise vs parallel: output", diff, "worst gradient", grad_diff)
     assert diff <= TOLERANCE and grad_diff <= TOLERANCE
     assert fast_grads.keys() == reference_grads.keys()
 
@@ -466,30 +470,29 @@ def test_whole_axlstm_auto_is_as_accurate_as_xlstm_and_gradients_use_xlstm(monke
 
 def test_cpu_mlstm_kernel_dispatch():
     present, absent = (lambda: object()), (lambda: None)
-    assert use_cpu_mlstm_kernel("auto", False, False, present) is True
-    assert use_cpu_mlstm_kernel("auto", False, False, absent) is False
-    assert use_cpu_mlstm_kernel("auto", False, True, present) is False  # gradients: xlstm's form
-    assert use_cpu_mlstm_kernel("auto", True, False, present) is False  # CUDA tensors: never
-    assert use_cpu_mlstm_kernel("reference", False, False, present) is False
-    assert use_cpu_mlstm_kernel("cuda", False, False, present) is False  # create_model's SSAM option
-    assert use_cpu_mlstm_kernel("cpu", False, False, present) is True
-    assert use_cpu_mlstm_kernel("fused", False, False, present) is True
+    assert resolve_mlstm("auto", False, False, present) == "cpu"
+    assert resolve_mlstm("auto", False, False, absent) == "reference"
+    assert resolve_mlstm("auto", False, True, present) == "reference"  # gradients: xlstm's form
+    assert resolve_mlstm("auto", True, False, present) == "reference"  # CUDA tensors: never
+    assert resolve_mlstm("reference", False, False, present) == "reference"
+    assert resolve_mlstm("cpu", False, False, present) == "cpu"
+    assert resolve_mlstm("fused", False, False, present) == "fused"
+    with pytest.raises(ValueError, match="auto.*cpu.*fused.*reference"):
+        resolve_mlstm("cuda", False, False, present)  # SSAM's option: refused, not ignored
     with pytest.raises(ValueError, match="compiler"):
-        use_cpu_mlstm_kernel("cpu", False, False, absent)
+        resolve_mlstm("cpu", False, False, absent)
     with pytest.raises(ValueError, match="CPU tensors"):
-        use_cpu_mlstm_kernel("fused", True, False, present)
+        resolve_mlstm("fused", True, False, present)
     with pytest.raises(ValueError, match="forward-only"):
-        use_cpu_mlstm_kernel("cpu", False, True, present)
+        resolve_mlstm("cpu", False, True, present)
 
 
 @pytest.mark.parametrize("positions", ["extend", "tile"])
 def test_position_rows_are_slices_of_the_long_table(positions):
-    from hear_msm._hear import position_rows
-
     encoder = hear_msm.create_model("axlstm_tiny")
-    table = position_table(encoder, 300, positions)
+    table = encoder.position_table(300, positions)
     for start, stop in [(0, 1), (0, 37), (1, 600), (251, 1501)]:
-        assert torch.equal(position_rows(encoder, start, stop, positions), table[start:stop])
+        assert torch.equal(encoder.position_rows(start, stop, positions), table[start:stop])
 
 
 # ----------------------------------------------------------------------------- OpenMP builds
@@ -504,24 +507,26 @@ int has_openmp(void) {
 """
 
 
-def _probe_kernel():
+def _probe_kernel(folder):
     import ctypes
 
-    from hear_msm._ckernel import CompiledKernel
+    from hear_msm.ops.compiled import CompiledKernel
 
     def declare(library):
         library.has_openmp.restype = ctypes.c_int
-    return CompiledKernel("openmp_probe", _OPENMP_PROBE, lambda: ["-O1", "-fPIC"], declare,
+    source = folder / "openmp_probe.c"
+    source.write_text(_OPENMP_PROBE)
+    return CompiledKernel("openmp_probe", source, lambda: ["-O1", "-fPIC"], declare,
                           what="probe", fallback="nothing", openmp=True)
 
 
 def test_openmp_kernels_share_pytorchs_team_or_build_sequential(tmp_path, monkeypatch):
     """With PyTorch's libgomp loaded, openmp kernels build with -fopenmp and load no second
     OpenMP runtime; a compiler without -fopenmp gives a working sequential build instead."""
-    from hear_msm._ckernel import CompiledKernel
+    from hear_msm.ops.compiled import CompiledKernel
 
     monkeypatch.setenv("HEAR_MSM_CACHE", str(tmp_path / "cache"))
-    probe = _probe_kernel()
+    probe = _probe_kernel(tmp_path)
     library = probe.load()
     assert library.has_openmp() == int(probe.uses_openmp)  # the flag says what the build did
     if CompiledKernel._torch_uses_libgomp():
@@ -535,5 +540,20 @@ def test_openmp_kernels_share_pytorchs_team_or_build_sequential(tmp_path, monkey
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setenv("HEAR_MSM_CACHE", str(tmp_path / "cache2"))
-    sequential = _probe_kernel()
+    sequential = _probe_kernel(tmp_path)
     assert sequential.load().has_openmp() == 0 and not sequential.uses_openmp
+
+
+C_SOURCES = sorted((Path(hear_msm.__file__).parent / "ops" / "csrc").glob("*.c"))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+@pytest.mark.parametrize("source", C_SOURCES, ids=lambda path: path.name)
+@pytest.mark.parametrize("openmp", [False, True], ids=["sequential", "openmp"])
+def test_c_sources_compile_without_warnings(source, openmp, tmp_path):
+    """The shipped C sources build with every warning an error, with and without OpenMP."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    flags = ["-std=c99", "-O2", "-fPIC", "-Wall", "-Wextra", "-Werror"] + (["-fopenmp"] if openmp else [])
+    result = subprocess.run([compiler, *flags, "-c", str(source), "-o", str(tmp_path / "kernel.o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

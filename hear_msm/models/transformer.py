@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._encoder import EncoderConfig, MaskedSpectrogramModel
-from ._registry import register_family, register_model
+from .encoder import EncoderConfig, MaskedSpectrogramModel
+from .registry import register_family, register_model
 
 
 @dataclass(frozen=True, kw_only=True)

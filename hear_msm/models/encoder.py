@@ -1,14 +1,17 @@
-"""The encoder shell shared by all three families, and the masked-spectrogram model around it.
+"""The encoder shell shared by every family, and the masked-spectrogram model around it.
 
-Every hear_msm encoder reads a log-mel patch grid the same way (Yadav, Theodoridis & Tan's
-SSAST / SSAM / AxLSTM, after Gong et al.'s SSAST):
+Every hear_msm encoder reads a spectrogram patch grid (Gong et al.'s SSAST and its descendants);
+for the 80-mel families of Yadav et al. (SSAST / SSAM / AxLSTM):
 
-    log-mel [B, 1, T=200, F=80]  --Conv2d(k=s=(4, 16))-->  [B, 50 * 5, D] time-major tokens
-    + fixed 2-D sin-cos positions, CLS prepended  -->  [B, 251, D]
+    features [B, 1, T=200, F=80]  --Conv2d(k=s=(4, 16))-->  [B, 50 * 5, D] tokens (token_order)
+    + positions (fixed 2-D sin-cos or learned), CLS prepended (cls_token)  -->  [B, 251, D]
     --> depth x pre-norm residual block (attention | Mamba | mLSTM)  --> LayerNorm
+    --> forward_features: patch tokens [B, 250, D] in time-major order (index = t * 5 + f)
 
-Only the residual block differs between families; it comes from a factory in the family's file.
-Parameter names follow the authors' checkpoints exactly, so their `.pth` files load strictly.
+The config names the front end (feature kind and bins), the patch geometry and token order, CLS and
+position kind, so other families are presets of the same shell. Only the residual block differs
+between families; it comes from a factory in the family's file. Parameter names follow the
+authors' checkpoints exactly, so their `.pth` files load strictly.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 CONFIG_FORMAT_VERSION = 1
+TOKEN_ORDERS = ("time_major", "freq_major")
+POSITION_KINDS = ("sincos", "learned")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,10 +43,19 @@ class EncoderConfig:
     patch_frames: int = 4  # patch height along time -> one token column = 40 ms
     patch_mels: int = 16
     norm_eps: float = 1e-6  # final LayerNorm (and SSAST/SSAM block norms)
+    frontend: str = "logmel"  # feature kind, one of hear_msm._frontend.FRONTENDS (bins: num_mels)
+    token_order: str = "time_major"  # inside the encoder: t * grid_freq + f, or "freq_major": f * grid_time + t
+    cls_token: bool = True  # a CLS token is prepended (forward_features drops its output)
+    positions: str = "sincos"  # "sincos": the fixed 2-D table (stored, not trained); "learned": trained
 
     family = "base"  # class attribute, not a field: each family subclass sets it
 
     def __post_init__(self):
+        for name, accepted in (("token_order", TOKEN_ORDERS), ("positions", POSITION_KINDS)):
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"{self.arch}: {name} must be one of {accepted}, got {getattr(self, name)!r}")
+        if self.positions == "sincos" and self.token_order != "time_major":
+            raise ValueError(f"{self.arch}: the 2-D sin-cos table is defined for time-major tokens only")
         if self.num_frames % self.patch_frames or self.num_mels % self.patch_mels:
             raise ValueError(
                 f"{self.arch}: input {self.num_frames}x{self.num_mels} is not divisible into "
@@ -75,7 +89,7 @@ class EncoderConfig:
 
 def config_from_dict(data: dict) -> EncoderConfig:
     """Inverse of `EncoderConfig.to_dict`, strict about version, family and field names."""
-    from ._registry import config_classes  # the families register their config classes
+    from .registry import config_classes  # the families register their config classes
 
     data = dict(data)
     version = data.pop("format_version", None)
@@ -97,25 +111,32 @@ def config_from_dict(data: dict) -> EncoderConfig:
     return cls(**data)
 
 
-def sincos_2d_position_table(embed_dim: int, grid_time: int, grid_freq: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos positions [1 + grid_time * grid_freq, embed_dim], CLS row zero.
+POSITION_MODES = ("auto", "extend", "tile")
 
-    Rows follow the time-major token order (index = t * grid_freq + f). The first half of the
-    channels encodes the frequency index, the second half the time index, each as
-    [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (D/4)) (MAE convention).
-    """
-    if embed_dim % 4:
-        raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos positions, got {embed_dim}")
+
+def _sincos_rows(embed_dim: int, time_index: torch.Tensor, freq_index: torch.Tensor) -> torch.Tensor:
+    """float64 [len(index), embed_dim]: first half of the channels encodes the frequency index, the
+    second half the time index, each as [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-k / (D/4))."""
     quarter = embed_dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=time_index.device) / quarter)
 
     def encode(positions: torch.Tensor) -> torch.Tensor:
         angles = positions.to(torch.float64)[:, None] * omega[None, :]
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
+    return torch.cat([encode(freq_index), encode(time_index)], dim=1)
+
+
+def sincos_2d_position_table(embed_dim: int, grid_time: int, grid_freq: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions [1 + grid_time * grid_freq, embed_dim], CLS row zero (MAE convention).
+
+    Rows follow the time-major token order (index = t * grid_freq + f); see `_sincos_rows`.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos positions, got {embed_dim}")
     time_index = torch.arange(grid_time).repeat_interleave(grid_freq)
     freq_index = torch.arange(grid_freq).repeat(grid_time)
-    table = torch.cat([encode(freq_index), encode(time_index)], dim=1)
+    table = _sincos_rows(embed_dim, time_index, freq_index)
     return torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), table]).float()
 
 
@@ -127,8 +148,12 @@ class PatchEmbed(nn.Module):
         patch = (config.patch_frames, config.patch_mels)
         self.proj = nn.Conv2d(1, config.embed_dim, kernel_size=patch, stride=patch)
 
+        self.freq_major = config.token_order == "freq_major"
+
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         grid = self.proj(spectrogram)  # [B, D, T/pt, F/pf]
+        if self.freq_major:
+            grid = grid.transpose(2, 3)  # index = f * (T/pt) + t
         return grid.flatten(2).transpose(1, 2)  # index = t * (F/pf) + f
 
 
@@ -144,9 +169,12 @@ class SpectrogramEncoder(nn.Module):
         self.config = config
         dim = config.embed_dim
         self.patch_embed = PatchEmbed(config)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        # Fixed, but a parameter (not a buffer) because the official checkpoints store it there.
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, dim), requires_grad=False)
+        self.num_prefix = int(config.cls_token)  # tokens before the patches
+        if config.cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # A sin-cos table is fixed, but a parameter (not a buffer): the official checkpoints store it there.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + config.num_patches, dim),
+                                      requires_grad=config.positions == "learned")
         self.blocks = nn.ModuleList(block_factory(i) for i in range(config.depth))
         self.encoder_norm = nn.LayerNorm(dim, eps=config.norm_eps)
 
@@ -158,29 +186,126 @@ class SpectrogramEncoder(nn.Module):
                 f"{self.config.arch} expects log-mel input of shape [batch, {expected[0]}, "
                 f"{expected[1]}, {expected[2]}] (time first), got {tuple(spectrogram.shape)}"
             )
-        return self.patch_embed(spectrogram) + self.pos_embed[:, 1:]
+        return self.patch_embed(spectrogram) + self.pos_embed[:, self.num_prefix:]
 
     def encode_tokens(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """Patch tokens [B, N, D] -> normalised outputs [B, 1 + N, D] (CLS first)."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patch_tokens.shape[0], -1, -1)
-        x = torch.cat([cls, patch_tokens], dim=1)
+        """Patch tokens [B, N, D] (token_order) -> normalised outputs [B, prefix + N, D] (CLS first if any)."""
+        x = patch_tokens
+        if self.config.cls_token:
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(patch_tokens.shape[0], -1, -1)
+            x = torch.cat([cls, patch_tokens], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.encoder_norm(x)
 
     def forward_features(self, spectrogram: torch.Tensor) -> torch.Tensor:
-        """[B, 1, T, F] normalised log-mel -> patch token embeddings [B, N, D], time-major."""
-        return self.encode_tokens(self.embed_patches(spectrogram))[:, 1:]
+        """[B, 1, T, F] normalised features -> patch token embeddings [B, N, D], time-major
+        (index = t * grid_freq + f) whatever the encoder's internal token order."""
+        tokens = self.encode_tokens(self.embed_patches(spectrogram))[:, self.num_prefix:]
+        return self.to_time_major(tokens)
+
+    def to_time_major(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens [B, N, D] in this encoder's token order -> time-major order."""
+        if self.config.token_order == "time_major":
+            return tokens
+        cfg = self.config
+        return tokens.reshape(-1, cfg.grid_freq, cfg.grid_time, tokens.shape[-1]).transpose(1, 2).flatten(1, 2)
+
+    def from_time_major(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_time_major`: [B, N, C] time-major -> this encoder's token order."""
+        if self.config.token_order == "time_major":
+            return tokens
+        cfg = self.config
+        return tokens.reshape(-1, cfg.grid_time, cfg.grid_freq, tokens.shape[-1]).transpose(1, 2).flatten(1, 2)
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         return self.forward_features(spectrogram)
+
+    # ------------------------------------------------------------------ sequences longer than one input
+    def resolve_positions(self, positions: str = "auto") -> str:
+        """"extend" (the analytic 2-D sin-cos table for any length) or "tile" (the stored columns
+        repeated); "auto" takes "extend" when the stored table is the analytic one."""
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        if positions != "auto":
+            return positions
+        cfg = self.config
+        stored = self.pos_embed[0].detach()
+        analytic = sincos_2d_position_table(cfg.embed_dim, cfg.grid_time, cfg.grid_freq).to(stored)
+        return "extend" if torch.allclose(stored, analytic, atol=1e-5, rtol=0) else "tile"
+
+    def position_rows(self, start: int, stop: int, positions: str = "auto") -> torch.Tensor:
+        """Rows [start, stop) of the position table of an arbitrarily long sequence (row 0 = CLS),
+        float32 [stop - start, D], without building the whole table (an hour is 450k rows)."""
+        cfg = self.config
+        stored = self.pos_embed[0].detach()
+        positions = self.resolve_positions(positions)
+        index = torch.arange(max(start, 1) - 1, stop - 1, device=stored.device)  # token index without CLS
+        time_index, freq_index = index // cfg.grid_freq, index % cfg.grid_freq
+        if positions == "extend":
+            rows = _sincos_rows(cfg.embed_dim, time_index, freq_index).float()
+            cls = torch.zeros(1, cfg.embed_dim, device=stored.device)
+        else:
+            rows = stored[1 + (time_index % cfg.grid_time) * cfg.grid_freq + freq_index]
+            cls = stored[:1]
+        return torch.cat([cls, rows]) if start == 0 else rows
+
+    def position_table(self, grid_time: int, positions: str = "auto") -> torch.Tensor:
+        """Positions [1 + grid_time * grid_freq, D] for a sequence of `grid_time` token columns."""
+        return self.position_rows(0, 1 + grid_time * self.config.grid_freq, positions)
+
+    @torch.no_grad()
+    def forward_sequence(self, spectrogram: torch.Tensor, segment_tokens: int = 8192,
+                         positions: str = "auto") -> torch.Tensor:
+        """Normalised log-mel [B, 1, T, F], T any multiple of `patch_frames` -> tokens [B, T/pt * F/pf, D].
+
+        One sequence per clip (CLS first), block by block over segments of `segment_tokens` tokens
+        with each block's recurrent state carried between segments (reversed blocks walk the
+        segments back to front), so time and memory grow linearly with T. Needs blocks with
+        `forward_stream` (SSAM, AxLSTM). Memory: the input, two [B, tokens, D] activations and one
+        segment's intermediates.
+        """
+        cfg = self.config
+        if cfg.token_order != "time_major" or not cfg.cls_token:
+            raise ValueError(f"{cfg.arch}: sequences longer than one input need time-major tokens after a CLS token")
+        if not all(hasattr(block, "forward_stream") for block in self.blocks):
+            raise ValueError(f"{cfg.arch} has no recurrent blocks: encode it in inputs of {cfg.num_frames} frames")
+        if spectrogram.ndim != 4 or spectrogram.shape[2] % cfg.patch_frames or spectrogram.shape[3] != cfg.num_mels:
+            raise ValueError(f"spectrogram must be [B, 1, {cfg.patch_frames}k frames, {cfg.num_mels}], "
+                             f"got {tuple(spectrogram.shape)}")
+        positions = self.resolve_positions(positions)
+        columns = spectrogram.shape[2] // cfg.patch_frames
+        length = 1 + columns * cfg.grid_freq
+        x = spectrogram.new_empty(spectrogram.shape[0], length, cfg.embed_dim)
+        x[:, 0] = self.cls_token[0, 0] + self.position_rows(0, 1, positions)[0]
+        step = max(1, segment_tokens // cfg.grid_freq)  # patch embedding, column-aligned segments
+        for first in range(0, columns, step):
+            last = min(first + step, columns)
+            frames = spectrogram[:, :, first * cfg.patch_frames:last * cfg.patch_frames]
+            start, stop = 1 + first * cfg.grid_freq, 1 + last * cfg.grid_freq
+            x[:, start:stop] = self.patch_embed(frames) + self.position_rows(start, stop, positions)
+        bounds = [(start, min(start + segment_tokens, length)) for start in range(0, length, segment_tokens)]
+        for block in self.blocks:
+            out = torch.empty_like(x)
+            state = None
+            for start, stop in reversed(bounds) if getattr(block, "reverse", False) else bounds:
+                out[:, start:stop], state = block.forward_stream(x[:, start:stop], state)
+            x = out
+        for start, stop in bounds:
+            x[:, start:stop] = self.encoder_norm(x[:, start:stop])
+        return x[:, 1:]
 
     @torch.no_grad()
     def reset_shared_parameters(self) -> None:
         """Initialise what all families share: sin-cos positions, CLS, patch projection, norm."""
         cfg = self.config
-        self.pos_embed.copy_(sincos_2d_position_table(cfg.embed_dim, cfg.grid_time, cfg.grid_freq)[None])
-        nn.init.normal_(self.cls_token, std=0.02)
+        if cfg.token_order == "time_major":  # learned tables start from the sin-cos one too (MAE)
+            table = sincos_2d_position_table(cfg.embed_dim, cfg.grid_time, cfg.grid_freq)
+            self.pos_embed.copy_(table[1 - self.num_prefix:][None])
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if cfg.cls_token:
+            nn.init.normal_(self.cls_token, std=0.02)
         nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(cfg.embed_dim, -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.ones_(self.encoder_norm.weight)
@@ -233,17 +358,17 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
 
     def forward(self, spectrogram: torch.Tensor, mask: torch.Tensor,
                 decoder: nn.Module | None = None) -> torch.Tensor:
-        """Predict patch values: [B, 1, T, F], mask [B, N] (True = masked) -> [B, N, pt * pf].
+        """Predict patch values: [B, 1, T, F], mask [B, N] (True = masked) -> [B, N, pt * pf], both time-major.
 
-        `decoder` (training only, not part of the checkpoint): a module [B, 1 + N, D] -> [B, 1 + N, D]
+        `decoder` (training only, not part of the checkpoint): a module [B, prefix + N, D] -> same shape
         run between the encoder and the prediction head (see `hear_msm.transformer.build_training_decoder`).
         """
-        tokens = self.embed_patches(spectrogram)
-        tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
+        tokens = self.embed_patches(spectrogram)  # the encoder's token order; mask and outputs are time-major
+        tokens = torch.where(self.from_time_major(mask[..., None]), self.mask_token.to(tokens.dtype), tokens)
         encoded = self.encode_tokens(tokens)
         if decoder is not None:
             encoded = decoder(encoded)
-        return self.pred(encoded[:, 1:])
+        return self.to_time_major(self.pred(encoded[:, self.num_prefix:]))
 
     def reconstruction_loss(self, spectrogram: torch.Tensor, mask: torch.Tensor,
                             masked_only: bool = False, patch_normalized_targets: bool = False,

@@ -11,14 +11,15 @@ the authors' checkpoint names. This file adds the block around it: a weight-only
 scales by (1 + weight) and the direction flip.
 
 xlstm's mLSTM runs in its parallel form: an S x S gate matrix, quadratic in length, fine for the
-251 tokens of a 2 s chunk. For long sequences (HEAR full-sequence mode) `mlstm_chunkwise` gives
-the same function in time and memory linear in S: exact attention inside chunks of 64 tokens, a
+251 tokens of a 2 s chunk. For long sequences (HEAR full-sequence mode) `mlstm_blockwise` gives
+the same function in time and memory linear in S: exact attention inside blocks of 64 tokens, a
 carried matrix memory (C, n, m) between them. Its stabiliser m equals the parallel form's
 row-wise maximum, so the two agree to float rounding (tests/test_speed_paths.py).
 
 On CPU without gradients the parallel form's gate-matrix work runs in a small compiled kernel
-(`_cpu_mlstm`, `kernel="auto"`, see `set_mlstm_kernel`): bit-identical to xlstm's PyTorch form,
-~2.2x faster per cell (benchmarks/README.md, note 12).
+(`hear_msm.ops.mlstm`, `kernel="auto"`, see `set_mlstm_kernel`): the same operations as xlstm's
+PyTorch form, as accurate against a float64 run (tests/test_speed_paths.py); its speed is measured
+in benchmarks/.
 """
 from __future__ import annotations
 
@@ -48,9 +49,10 @@ mLSTMLayer, mLSTMLayerConfig = _import_mlstm_layer()
 from xlstm.components.linear_headwise import LinearHeadwiseExpand  # noqa: E402  (after the quiet import)
 from xlstm.blocks.mlstm.backends import parallel_stabilized_simple  # noqa: E402  (after the quiet import)
 
-from . import _cpu_mlstm
-from ._encoder import EncoderConfig, MaskedSpectrogramModel, causal_conv1d_stream
-from ._registry import register_family, register_model
+from ..ops import mlstm as mlstm_ops
+from ..ops.mlstm import KERNELS as MLSTM_KERNELS
+from .encoder import EncoderConfig, MaskedSpectrogramModel, causal_conv1d_stream
+from .registry import register_family, register_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,63 +78,11 @@ class ResidualGainLayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), weight=1.0 + self.weight, eps=self.eps)
 
 
-def mlstm_chunkwise(queries, keys, values, igate_preact, fgate_preact, state=None, chunk_size: int = 64,
-                    eps: float = 1e-6, **unused):
-    """mLSTM cell, chunkwise form: the function of xlstm's `parallel_stabilized_simple`, linear in S.
-
-    queries, keys, values: [B, NH, S, DH]; igate_preact, fgate_preact: [B, NH, S, 1];
-    state: None or (C [B, NH, DH, DH], n [B, NH, DH], m [B, NH]) from a previous segment, with C
-    and n stored divided by exp(m). Returns h [B, NH, S, DH], or (h, state) when `state` is given
-    (pass `state=()` to start a carried sequence).
-    """
-    batch, heads, length, dim = queries.shape
-    carry = state is not None
-    keys = keys / math.sqrt(dim)
-    log_f = F.logsigmoid(fgate_preact.squeeze(-1))  # [B, NH, S]
-    igate = igate_preact.squeeze(-1)
-    if state:
-        c_mem, n_mem, m_mem = state
-    else:
-        c_mem = queries.new_zeros(batch, heads, dim, dim)
-        n_mem = queries.new_zeros(batch, heads, dim)
-        m_mem = queries.new_full((batch, heads), -math.inf)
-    outputs = []
-    for start in range(0, length, chunk_size):
-        stop = min(start + chunk_size, length)
-        q, k, v = queries[:, :, start:stop], keys[:, :, start:stop], values[:, :, start:stop]
-        cum = torch.cumsum(log_f[:, :, start:stop], dim=-1)  # [B, NH, T] forget sum since chunk start
-        size = stop - start
-        causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
-        # log weight of token j for row i: sum of log f over (j, i] + i_j; of the memory: cum_i + m
-        log_d = (cum[..., :, None] - cum[..., None, :] + igate[:, :, None, start:stop]).masked_fill(~causal, -math.inf)
-        log_mem = cum + m_mem[..., None]  # [B, NH, T]
-        m_row = torch.maximum(log_d.amax(dim=-1), log_mem)  # = the parallel form's row max
-        d_mat = torch.exp(log_d - m_row[..., None])
-        mem_scale = torch.exp(log_mem - m_row)[..., None]  # [B, NH, T, 1]
-        scores = (q @ k.transpose(-2, -1)) * d_mat  # [B, NH, T, T]
-        numerator = scores @ v + mem_scale * (q @ c_mem)
-        normaliser = scores.sum(dim=-1, keepdim=True) + mem_scale * (q @ n_mem[..., None])
-        normaliser = torch.maximum(normaliser.abs(), torch.exp(-m_row)[..., None])
-        outputs.append(numerator / (normaliser + eps))
-        if stop == length and not carry:
-            break
-        # memory at the chunk end, stabilised by its own maximum
-        log_w = cum[..., -1:] - cum + igate[:, :, start:stop]  # [B, NH, T]
-        m_new = torch.maximum(cum[..., -1] + m_mem, log_w.amax(dim=-1))
-        decay = torch.exp(cum[..., -1] + m_mem - m_new)[..., None]  # [B, NH, 1]
-        weights = torch.exp(log_w - m_new[..., None])[..., None]  # [B, NH, T, 1]
-        c_mem = decay[..., None] * c_mem + (k * weights).transpose(-2, -1) @ v
-        n_mem = decay * n_mem + (k * weights).sum(dim=-2)
-        m_mem = m_new
-    h = torch.cat(outputs, dim=2) if outputs else queries.new_zeros(batch, heads, 0, dim)
-    return (h, (c_mem, n_mem, m_mem)) if carry else h
-
-
 def mlstm_layer_forward(layer: nn.Module, x: torch.Tensor, state: tuple | None = None,
                         carry: bool = False) -> torch.Tensor | tuple[torch.Tensor, tuple]:
     """xlstm's `mLSTMLayer.forward` [B, L, D] -> [B, L, D], computed faster on CPU.
 
-    The same function as the layer's own forward with the chunkwise cell (linear in L, and
+    The same function as the layer's own forward with the blockwise cell (linear in L, and
     1.4-2x faster than the parallel form even at L = 251) and both gate projections in one
     matmul. With `carry=True` it continues from `state` (None at the start: the
     previous segment's last conv inputs and the mLSTM memory) and returns (output, state).
@@ -157,37 +107,13 @@ def mlstm_layer_forward(layer: nn.Module, x: torch.Tensor, state: tuple | None =
     heads = cell.config.num_heads
     q, k, v = (t.view(b, length, heads, -1).transpose(1, 2) for t in (q, k, v))
     if carry:
-        h, cell_state = mlstm_chunkwise(q, k, v, igate, fgate, state=cell_state)
+        h, cell_state = mlstm_ops.mlstm_blockwise(q, k, v, igate, fgate, state=cell_state)
     else:
-        h = mlstm_chunkwise(q, k, v, igate, fgate)
+        h = mlstm_ops.mlstm_blockwise(q, k, v, igate, fgate)
     h = cell.outnorm(h).transpose(1, 2).reshape(b, length, -1)
     h = (h + layer.learnable_skip * x_conv) * layer.ogate_act_fn(z)
     out = layer.proj_down(h)
     return (out, (conv_state, cell_state)) if carry else out
-
-
-MLSTM_KERNELS = ("auto", "cpu", "fused", "reference")
-
-
-def use_cpu_mlstm_kernel(kernel: str, tensor_is_cuda: bool, needs_grad: bool, kernel_loader=None) -> bool:
-    """Compiled CPU gate kernel (forward only) or xlstm's PyTorch parallel form.
-
-    `auto` takes it for CPU tensors when no gradient is needed and it builds; `cpu` and `fused`
-    demand it (clear error on CUDA tensors, with gradients, or when it cannot be built);
-    `reference` (and `cuda`, which `create_model` may pass for the SSAM scan) never takes it.
-    """
-    if kernel not in ("auto", "cpu", "fused") or (kernel == "auto" and (tensor_is_cuda or needs_grad)):
-        return False
-    if tensor_is_cuda:
-        raise ValueError("kernel='cpu' needs CPU tensors; use kernel='auto' on a GPU")
-    if needs_grad:
-        raise ValueError("kernel='cpu' is forward-only (inference); use kernel='auto' or 'reference' "
-                         "to train, or run under torch.no_grad()")
-    available = (kernel_loader or _cpu_mlstm.load_library)() is not None
-    if kernel == "cpu" and not available:
-        raise ValueError("kernel='cpu' needs a C compiler (cc/gcc) to build the CPU mLSTM kernel on first "
-                         "use; use kernel='auto' or 'reference'")
-    return available
 
 
 class ParallelCellBackend:
@@ -200,14 +126,14 @@ class ParallelCellBackend:
     def __call__(self, queries, keys, values, igate_preact, fgate_preact, **kwargs):
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (queries, keys, values, igate_preact, fgate_preact))
-        if queries.dtype == torch.float32 and use_cpu_mlstm_kernel(self.kernel, queries.is_cuda, needs_grad):
-            return _cpu_mlstm.mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact,
-                                                 exact=self.kernel != "fused")
+        path = mlstm_ops.resolve(self.kernel, queries.is_cuda, needs_grad)
+        if queries.dtype == torch.float32 and path != "reference":
+            return mlstm_ops.mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact, exact=path == "cpu")
         return parallel_stabilized_simple(queries, keys, values, igate_preact, fgate_preact, **kwargs)
 
 
 class HeadwiseProjection(LinearHeadwiseExpand):
-    """xlstm's q/k/v projection (same parameters and init), computed by `_cpu_mlstm.headwise_projection`
+    """xlstm's q/k/v projection (same parameters and init), computed by `headwise_projection`
     for inference on CPU: the same `bmm` without the two layout copies around it (same bits).
     `kernel` follows `set_mlstm_kernel`: "reference" keeps xlstm's einsum."""
 
@@ -217,7 +143,7 @@ class HeadwiseProjection(LinearHeadwiseExpand):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if self.kernel not in ("auto", "cpu", "fused") or x.is_cuda or needs_grad or x.dtype != self.weight.dtype:
             return super().forward(x)
-        return _cpu_mlstm.headwise_projection(x, self.weight, self.bias)
+        return mlstm_ops.headwise_projection(x, self.weight, self.bias)
 
 
 class XLSTMBlock(nn.Module):
@@ -267,14 +193,14 @@ class XLSTMBlock(nn.Module):
         return x + out, state
 
 
-MLSTM_FORMS = ("parallel", "chunkwise")
+MLSTM_FORMS = ("parallel", "blockwise")
 
 
 def set_mlstm_form(model: nn.Module, form: str) -> None:
-    """Runtime choice for sequences of up to 251 tokens (longer ones always run chunkwise).
+    """Runtime choice for sequences of up to 251 tokens (longer ones always run blockwise).
 
     "parallel" (default): xlstm's own layer forward, bit-identical to the authors' models.
-    "chunkwise": `mlstm_layer_forward`, 1.2-1.4x faster on CPU; the same function, but float32
+    "blockwise": `mlstm_layer_forward`, 1.2-1.4x faster on CPU; the same function, but float32
     rounding differs by up to ~3e-5 relative (it is the closer of the two to a float64 run:
     benchmarks/README.md), so it is opt-in.
     """
@@ -287,7 +213,7 @@ def set_mlstm_form(model: nn.Module, form: str) -> None:
 
 def set_mlstm_kernel(model: nn.Module, kernel: str) -> None:
     """Runtime choice for the parallel form's gate-matrix work (2 s chunks; longer sequences run
-    `mlstm_chunkwise`):
+    `mlstm_blockwise`):
 
     "auto" (default): the compiled CPU kernel for inference on CPU, bit-identical to xlstm's
         PyTorch form (which runs otherwise: with gradients, on GPU, or without a C compiler);

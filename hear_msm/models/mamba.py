@@ -8,25 +8,24 @@ The mixer is plain PyTorch with mamba-ssm's parameter names (`A_log`, `D`, `in_p
 `x_proj`, `dt_proj`, `out_proj`). On CUDA, when mamba-ssm is installed (`hear_msm[cuda]`), the
 selective scan runs in its fused kernel instead; both paths take the same inputs. mamba-ssm is
 never imported on a machine without CUDA (its import needs Triton and the CUDA extension).
-On CPU, inference and training use a small compiled C scan with its own backward (`_cpu_scan.py`,
-built on first use with the system compiler, ~10x faster than the PyTorch reference and without
-its per-step autograd tensors; see benchmarks/README.md).
+On CPU, inference and training use a small compiled C scan with its own backward
+(`hear_msm.ops.selective_scan`, built on first use with the system compiler; its speed against the
+PyTorch reference is measured in benchmarks/). Which scan runs is decided in one place,
+`hear_msm.ops.selective_scan.resolve`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._encoder import EncoderConfig, MaskedSpectrogramModel, causal_conv1d_stream
-from ._registry import register_family, register_model
-
-KERNELS = ("auto", "cuda", "cpu", "reference")
-
+from ..ops import selective_scan as scan_ops
+from ..ops.selective_scan import KERNELS
+from .encoder import EncoderConfig, MaskedSpectrogramModel, causal_conv1d_stream
+from .registry import register_family, register_model
 
 @dataclass(frozen=True, kw_only=True)
 class MambaConfig(EncoderConfig):
@@ -44,77 +43,6 @@ class MambaConfig(EncoderConfig):
     @property
     def resolved_dt_rank(self) -> int:
         return self.dt_rank or math.ceil(self.embed_dim / 16)
-
-
-def selective_scan_reference(u, delta, A, B, C, D, state=None, return_state=False):
-    """Selective scan, sequential in time (pure PyTorch).
-
-    u, delta: [batch, L, E] (delta already softplus-ed and biased); A: [E, N];
-    B, C: [batch, L, N]; D: [E]; state: [batch, E, N] carried in from a previous segment
-    (zeros when None). Returns y: [batch, L, E] (and the final state with `return_state`) with
-        h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,   y_t = h_t . C_t + D * u_t.
-    Each step builds only its own [batch, E, N] terms, so memory does not grow with L beyond the
-    outputs; iterating over `unbind` views keeps autograd's backward linear in L.
-    """
-    state = u.new_zeros(u.shape[0], u.shape[2], A.shape[1]) if state is None else state
-    outputs = []
-    for delta_t, u_t, b_t, c_t in zip(delta.unbind(1), u.unbind(1), B.unbind(1), C.unbind(1)):
-        state = torch.exp(delta_t.unsqueeze(-1) * A) * state + (delta_t * u_t).unsqueeze(-1) * b_t.unsqueeze(1)
-        outputs.append(torch.bmm(state, c_t.unsqueeze(-1)).squeeze(-1))  # [b, E]
-    y = torch.stack(outputs, dim=1) + u * D
-    return (y, state) if return_state else y
-
-
-def _load_cuda_scan() -> Callable | None:
-    """mamba-ssm's fused `selective_scan_fn`, or None where it cannot run."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except ImportError:
-        return None
-    return selective_scan_fn
-
-
-def use_cuda_kernel(kernel: str, tensor_is_cuda: bool, kernel_loader: Callable = _load_cuda_scan) -> bool:
-    """The dispatch decision: fused CUDA scan or not (then `use_cpu_kernel` decides).
-
-    `auto` takes the kernel when the tensor is on CUDA and mamba-ssm imports; `cuda` demands it
-    (clear error otherwise); `cpu` and `reference` never use it.
-    """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel in ("reference", "cpu") or (kernel == "auto" and not tensor_is_cuda):
-        return False
-    available = kernel_loader() is not None
-    if kernel == "cuda" and not (tensor_is_cuda and available):
-        raise ValueError(
-            "kernel='cuda' needs the input on a CUDA device and mamba-ssm installed "
-            "(pip install 'hear_msm[cuda]'); use kernel='auto' or 'reference' on CPU"
-        )
-    return available
-
-
-def use_cpu_kernel(kernel: str, tensor_is_cuda: bool, needs_grad: bool, kernel_loader: Callable | None = None) -> bool:
-    """Compiled CPU scan or the PyTorch reference, for tensors not on CUDA.
-
-    `auto` takes it for CPU tensors when it builds (one warning and the reference otherwise);
-    `cpu` demands it (clear error when on CUDA or when it cannot be built). With or without
-    gradients: the compiled scan has a compiled backward (`needs_grad` picks which entry point
-    `_mix` calls, not whether the kernel may be used).
-    """
-    del needs_grad  # both directions are compiled
-    if kernel not in ("auto", "cpu") or tensor_is_cuda:
-        if kernel == "cpu" and tensor_is_cuda:
-            raise ValueError("kernel='cpu' needs CPU tensors; use kernel='auto' or 'cuda' on a GPU")
-        return False
-    if kernel_loader is None:
-        from ._cpu_scan import load_library as kernel_loader
-    available = kernel_loader() is not None
-    if kernel == "cpu" and not available:
-        raise ValueError("kernel='cpu' needs a C compiler (cc/gcc) to build the CPU scan on first use; "
-                         "use kernel='auto' or 'reference'")
-    return available
 
 
 class MambaMixer(nn.Module):
@@ -165,34 +93,26 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         # any trainable parameter counts: the inference scan detaches its inputs
         needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if state is None and use_cuda_kernel(self.kernel, hidden.is_cuda):
-            y = self._cuda_scan(u, dt, A, B, C, gate)
-            return self.out_proj(y), None
+        path = scan_ops.resolve(self.kernel, hidden.is_cuda)
+        if path == "cuda" and state is None:
+            return self.out_proj(self._cuda_scan(u, dt, A, B, C, gate)), None
         delta = F.softplus(self.dt_proj(dt).float())
-        if state is None and needs_grad and use_cpu_kernel(self.kernel, hidden.is_cuda, needs_grad):
-            from ._cpu_scan import selective_scan_cpu_autograd
-
+        if path == "cpu" and state is None and needs_grad:
             # training: compiled forward and backward; the conv, dt_proj + softplus, A = -exp(A_log)
             # and the z gate below stay in PyTorch, so autograd differentiates them as before
-            y = selective_scan_cpu_autograd(u, delta, A, B, C, self.D)
-        elif state is not None or use_cpu_kernel(self.kernel, hidden.is_cuda, needs_grad):
-            from ._cpu_scan import selective_scan_cpu, load_library
-
-            if load_library() is not None and not hidden.is_cuda:
-                y, ssm_state = selective_scan_cpu(u, delta, A, B, C, self.D, ssm_state)
-            else:
-                y, ssm_state = selective_scan_reference(u.float(), delta, A, B.float(), C.float(), self.D.float(),
-                                                         ssm_state, return_state=True)
-            y = y.to(hidden.device)
-        else:
-            y = selective_scan_reference(u.float(), delta, A, B.float(), C.float(), self.D.float())
+            y = scan_ops.selective_scan_cpu_autograd(u, delta, A, B, C, self.D)
+        elif path == "cpu":
+            y, ssm_state = scan_ops.selective_scan_cpu(u, delta, A, B, C, self.D, ssm_state)
+        else:  # the reference, also for a carried state on CUDA (the fused kernel starts from zero)
+            y, ssm_state = scan_ops.selective_scan_reference(u.float(), delta, A, B.float(), C.float(), self.D.float(),
+                                                     ssm_state, return_state=True)
         y = (y * F.silu(gate.float())).to(hidden.dtype)
         if state is not None:
             new_state = (new_tail, ssm_state)
         return self.out_proj(y), new_state
 
     def _cuda_scan(self, u, dt, A, B, C, gate):
-        scan = _load_cuda_scan()
+        scan = scan_ops.load_cuda_scan()
         # the fused kernel wants channels first, adds dt bias and softplus itself, and gates by z
         delta = F.linear(dt, self.dt_proj.weight)
         y = scan(

@@ -1,7 +1,7 @@
 """Small C libraries compiled on first use with the system C compiler (the CPU kernels' plumbing).
 
-`_cpu_scan.py` (Mamba selective scan) and `_cpu_mlstm.py` (mLSTM gate matrix) each hold a C
-source string without Python or torch headers; `CompiledKernel` builds it once per process into
+`selective_scan.py` (Mamba selective scan) and `mlstm.py` (mLSTM gate matrix) each have a C source
+file in `csrc/` without Python or torch headers; `CompiledKernel` builds it once per process into
 `$HEAR_MSM_CACHE` (default `~/.cache/hear_msm`), keyed by a hash of source, flags and platform,
 loads it with ctypes (whose calls release the GIL, so a shared thread pool can split work), and
 reports a missing compiler or a failed build as one warning and `None`, so callers fall back to
@@ -40,9 +40,9 @@ class CompiledKernel:
     fallback: the words of the warning when it cannot be built.
     """
 
-    def __init__(self, name: str, source: str, flags: Callable[[], list[str]],
+    def __init__(self, name: str, source: Path, flags: Callable[[], list[str]],
                  declare: Callable[[ctypes.CDLL], None], what: str, fallback: str, openmp: bool = False):
-        self.name, self.source, self.flags, self.declare = name, source, flags, declare
+        self.name, self.source_file, self.flags, self.declare = name, source, flags, declare
         self.what, self.fallback, self.openmp = what, fallback, openmp
         self.uses_openmp = False  # set by the build: its parallel entry points run on PyTorch's team
         self._lock = threading.Lock()
@@ -76,13 +76,14 @@ class CompiledKernel:
             line.endswith("/libgomp.so.1") for line in Path("/proc/self/maps").read_text().splitlines())
 
     def _build_with(self, compiler: str, flags: list[str]) -> ctypes.CDLL:
-        key = hashlib.sha256((self.source + " ".join(flags) + sys.platform).encode()).hexdigest()[:16]
+        code = self.source_file.read_text()
+        key = hashlib.sha256((code + " ".join(flags) + sys.platform).encode()).hexdigest()[:16]
         target = cache_dir() / f"{self.name}_{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 source, obj, lib = Path(tmp, "kernel.c"), Path(tmp, "kernel.o"), Path(tmp, "kernel.so")
-                source.write_text(self.source)
+                source.write_text(code)
                 subprocess.run([compiler, *flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True)
                 # -lm: float64 copies and exact paths call libm's exp (its linker script also brings
                 # libmvec, which gcc may use to vectorise it)
