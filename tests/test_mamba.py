@@ -36,9 +36,9 @@ def _output_and_gradients(mixer, fixture):
 def test_mixer_output_and_gradients_match_mamba_ssm_reference(kernel):
     """Against mamba-ssm's reference path run in float64: our float32 output and gradients are as
     close to it as mamba-ssm's own float32 run is (tests/numerics.py)."""
-    from hear_msm import _cpu_scan
+    from hear_msm.ops import selective_scan as scan_ops
 
-    if kernel == "cpu" and _cpu_scan.load_library() is None:
+    if kernel == "cpu" and scan_ops.load_library() is None:
         pytest.skip("no C compiler to build the CPU scan")
     mixer, fixture = _reference_mixer()
     float64 = load_file(str(FIXTURES / "mamba_mixer_reference64.safetensors"))

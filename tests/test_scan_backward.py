@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hear_msm
-from hear_msm.ops import selective_scan as _cpu_scan
+from hear_msm.ops import selective_scan as scan_ops
 from hear_msm.models.mamba import set_kernel
 from hear_msm.ops.selective_scan import selective_scan_reference
 
@@ -18,7 +18,7 @@ TOLERANCE = 1e-5
 NAMES = ("u", "delta", "A", "B", "C", "D")
 
 pytestmark = [pytest.mark.numerics,
-              pytest.mark.skipif(_cpu_scan.load_library() is None, reason="no C compiler to build the CPU scan")]
+              pytest.mark.skipif(scan_ops.load_library() is None, reason="no C compiler to build the CPU scan")]
 
 
 def _relative(actual, expected):
@@ -50,7 +50,7 @@ def _output_and_gradients(scan, inputs, weights):
 def test_compiled_backward_matches_reference_autograd(shape):
     inputs = _inputs(*shape)
     weights = torch.randn(shape[0], shape[1], shape[2], generator=torch.Generator().manual_seed(1))
-    y, grads = _output_and_gradients(_cpu_scan.selective_scan_cpu_autograd, inputs, weights)
+    y, grads = _output_and_gradients(scan_ops.selective_scan_cpu_autograd, inputs, weights)
     y_ref, grads_ref = _output_and_gradients(selective_scan_reference, inputs, weights)
     diffs = {name: _relative(g, r) for name, g, r in zip(NAMES, grads, grads_ref)}
     print(shape, "output", _relative(y, y_ref), "gradients", diffs)
@@ -64,13 +64,13 @@ def test_compiled_backward_gradcheck_float64():
     polynomial), so finite differences check the adjoint recursion itself."""
     inputs = [t.requires_grad_(True) for t in _inputs(2, 9, 6, 3, dtype=torch.float64)]
     inputs[1].data[0, 4, :3] = 3.0  # moderately large steps (30 would leave nothing to check)
-    assert torch.autograd.gradcheck(_cpu_scan.selective_scan_cpu_autograd, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(scan_ops.selective_scan_cpu_autograd, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def test_compiled_backward_some_inputs_without_gradients():
     u, delta, A, B, C, D = _inputs(1, 11, 8, 4)
     u.requires_grad_(True)
-    _cpu_scan.selective_scan_cpu_autograd(u, delta, A, B, C, D).sum().backward()
+    scan_ops.selective_scan_cpu_autograd(u, delta, A, B, C, D).sum().backward()
     leaf = u.detach().clone().requires_grad_(True)
     selective_scan_reference(leaf, delta, A, B, C, D).sum().backward()
     assert _relative(u.grad, leaf.grad) <= TOLERANCE
@@ -81,9 +81,9 @@ def test_compiled_backward_threads_split_channels(monkeypatch):
     inputs = _inputs(2, 64, 576, 24)
     weights = torch.randn(2, 64, 576, generator=torch.Generator().manual_seed(2))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    y1, one = _output_and_gradients(_cpu_scan.selective_scan_cpu_autograd, inputs, weights)
+    y1, one = _output_and_gradients(scan_ops.selective_scan_cpu_autograd, inputs, weights)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    y3, three = _output_and_gradients(_cpu_scan.selective_scan_cpu_autograd, inputs, weights)
+    y3, three = _output_and_gradients(scan_ops.selective_scan_cpu_autograd, inputs, weights)
     assert torch.equal(y1, y3)
     for name, a, b in zip(NAMES, one, three):
         if name in ("B", "C"):  # summed in another order

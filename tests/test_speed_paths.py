@@ -19,8 +19,8 @@ from torch import nn
 from xlstm.blocks.mlstm.backends import parallel_stabilized_simple
 
 import hear_msm
-from hear_msm.ops import mlstm as _cpu_mlstm
-from hear_msm.ops import selective_scan as _cpu_scan
+from hear_msm.ops import mlstm as mlstm_ops
+from hear_msm.ops import selective_scan as scan_ops
 from hear_msm.models.encoder import sincos_2d_position_table
 from hear_msm._hear import HearModel
 from hear_msm.models.mamba import MambaConfig, MambaMixer, set_kernel
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.numerics
 
 TOLERANCE = 1e-5
 
-needs_compiler = pytest.mark.skipif(_cpu_scan.load_library() is None, reason="no C compiler to build the CPU scan")
+needs_compiler = pytest.mark.skipif(scan_ops.load_library() is None, reason="no C compiler to build the CPU scan")
 
 
 def _relative(actual, expected):
@@ -59,7 +59,7 @@ def _scan_inputs(batch, length, inner, nstate, seed=0):
 def test_cpu_scan_matches_reference(shape):
     inputs = _scan_inputs(*shape)
     expected = selective_scan_reference(*inputs)
-    actual, state = _cpu_scan.selective_scan_cpu(*inputs)
+    actual, state = scan_ops.selective_scan_cpu(*inputs)
     diff = _relative(actual, expected)
     print(shape, "compiled scan vs reference, relative", diff)
     assert diff <= TOLERANCE
@@ -69,10 +69,10 @@ def test_cpu_scan_matches_reference(shape):
 @needs_compiler
 def test_cpu_scan_carries_state_across_segments():
     u, delta, A, B, C, D = _scan_inputs(2, 90, 64, 24)
-    whole, final = _cpu_scan.selective_scan_cpu(u, delta, A, B, C, D)
+    whole, final = scan_ops.selective_scan_cpu(u, delta, A, B, C, D)
     state, pieces = None, []
     for start, stop in [(0, 1), (1, 40), (40, 90)]:
-        piece, state = _cpu_scan.selective_scan_cpu(u[:, start:stop], delta[:, start:stop], A,
+        piece, state = scan_ops.selective_scan_cpu(u[:, start:stop], delta[:, start:stop], A,
                                                     B[:, start:stop], C[:, start:stop], D, state)
         pieces.append(piece)
     assert torch.equal(torch.cat(pieces, dim=1), whole)
@@ -83,9 +83,9 @@ def test_cpu_scan_carries_state_across_segments():
 def test_cpu_scan_threads_split_channels_exactly(monkeypatch):
     inputs = _scan_inputs(2, 64, 576, 24)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    one, _ = _cpu_scan.selective_scan_cpu(*inputs)
+    one, _ = scan_ops.selective_scan_cpu(*inputs)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    three, _ = _cpu_scan.selective_scan_cpu(*inputs)
+    three, _ = scan_ops.selective_scan_cpu(*inputs)
     assert torch.equal(one, three)
 
 
@@ -110,8 +110,8 @@ def test_mixer_auto_uses_compiled_scan_with_and_without_gradients(monkeypatch):
     assert diff <= TOLERANCE
     # with gradients, auto takes the compiled forward + backward (parity: tests/test_scan_backward.py)
     calls = []
-    original = _cpu_scan.selective_scan_cpu_autograd
-    monkeypatch.setattr(_cpu_scan, "selective_scan_cpu_autograd", lambda *a: calls.append(1) or original(*a))
+    original = scan_ops.selective_scan_cpu_autograd
+    monkeypatch.setattr(scan_ops, "selective_scan_cpu_autograd", lambda *a: calls.append(1) or original(*a))
     mixer(x.clone().requires_grad_(True)).square().sum().backward()
     assert calls == [1]
 
@@ -121,8 +121,8 @@ def test_kernel_reference_is_pure_pytorch_with_and_without_gradients(monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("kernel='reference' called the compiled scan")
 
-    monkeypatch.setattr(_cpu_scan, "selective_scan_cpu", refuse)
-    monkeypatch.setattr(_cpu_scan, "selective_scan_cpu_autograd", refuse)
+    monkeypatch.setattr(scan_ops, "selective_scan_cpu", refuse)
+    monkeypatch.setattr(scan_ops, "selective_scan_cpu_autograd", refuse)
     mixer = _mixer()
     set_kernel(mixer, "reference")
     mixer(torch.randn(1, 8, 64, requires_grad=True)).sum().backward()
@@ -349,7 +349,7 @@ def test_axlstm_default_block_is_xlstms_layer_in_its_direction():
 
 
 # ----------------------------------------------------------------------------- compiled mLSTM cell
-needs_mlstm_kernel = pytest.mark.skipif(_cpu_mlstm.load_library() is None,
+needs_mlstm_kernel = pytest.mark.skipif(mlstm_ops.load_library() is None,
                                         reason="no C compiler to build the CPU mLSTM kernel")
 
 
@@ -375,11 +375,11 @@ def test_cpu_mlstm_kernel_matches_xlstm_parallel_form(length):
     for extreme in (False, True):
         inputs = _cell_inputs(2, length, seed=length, extreme=extreme)
         float64 = parallel_stabilized_simple(*(t.double() for t in inputs))
-        assert_float64_anchored(f"exact kernel, length {length}, extreme {extreme}", _cpu_mlstm.mlstm_parallel_cpu(*inputs),
+        assert_float64_anchored(f"exact kernel, length {length}, extreme {extreme}", mlstm_ops.mlstm_parallel_cpu(*inputs),
                                 parallel_stabilized_simple(*inputs), float64, floor=1e-6, error=relative_error)
     inputs = _cell_inputs(2, length, seed=length)
     reference = parallel_stabilized_simple(*inputs)
-    fused = _cpu_mlstm.mlstm_parallel_cpu(*inputs, exact=False)
+    fused = mlstm_ops.mlstm_parallel_cpu(*inputs, exact=False)
     float64 = parallel_stabilized_simple(*(t.double() for t in inputs))
     diff = _relative(fused, reference)
     print(length, "fused vs xlstm fp32", diff, "fused vs fp64", _relative(fused, float64),
@@ -399,7 +399,7 @@ def test_cpu_mlstm_kernel_reads_head_views_in_place(batch, length):
     igate = torch.randn(batch, 4, length, 1, generator=gen)
     fgate = 3 + 2 * torch.randn(batch, 4, length, 1, generator=gen)
     assert not q.is_contiguous()
-    out = _cpu_mlstm.mlstm_parallel_cpu(q, k, v, igate, fgate)
+    out = mlstm_ops.mlstm_parallel_cpu(q, k, v, igate, fgate)
     float64 = parallel_stabilized_simple(*(t.double() for t in (q, k, v, igate, fgate)))
     assert_float64_anchored(f"head views {batch}x{length}", out, parallel_stabilized_simple(q, k, v, igate, fgate),
                             float64, floor=1e-6, error=relative_error)
@@ -422,16 +422,16 @@ def test_headwise_projection_equals_xlstm_einsum(lead, heads, block, bias):
             projection.double()
             float64 = projection(inputs.double())
             projection.float()
-            assert_float64_anchored(f"head-wise projection {lead}", _cpu_mlstm.headwise_projection(
+            assert_float64_anchored(f"head-wise projection {lead}", mlstm_ops.headwise_projection(
                 inputs, projection.weight, projection.bias), expected, float64, floor=1e-6, error=relative_error)
 
 
 @needs_mlstm_kernel
 def test_cpu_mlstm_kernel_threads_split_heads_exactly(monkeypatch):
     inputs = _cell_inputs(3, 251, seed=7, extreme=True)
-    single = [_cpu_mlstm.mlstm_parallel_cpu(*inputs, exact=exact) for exact in (True, False)]
-    monkeypatch.setattr(_cpu_mlstm.torch, "get_num_threads", lambda: 5)  # 12 heads over 5 threads
-    split = [_cpu_mlstm.mlstm_parallel_cpu(*inputs, exact=exact) for exact in (True, False)]
+    single = [mlstm_ops.mlstm_parallel_cpu(*inputs, exact=exact) for exact in (True, False)]
+    monkeypatch.setattr(mlstm_ops.torch, "get_num_threads", lambda: 5)  # 12 heads over 5 threads
+    split = [mlstm_ops.mlstm_parallel_cpu(*inputs, exact=exact) for exact in (True, False)]
     assert all(torch.equal(a, b) for a, b in zip(single, split))
 
 
@@ -441,8 +441,8 @@ def test_whole_axlstm_auto_is_as_accurate_as_xlstm_and_gradients_use_xlstm(monke
     model = hear_msm.create_model("axlstm_tiny").eval()
     x = torch.randn(2, 1, 200, 80)
     calls = []
-    kernel = _cpu_mlstm.mlstm_parallel_cpu
-    monkeypatch.setattr(_cpu_mlstm, "mlstm_parallel_cpu", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel = mlstm_ops.mlstm_parallel_cpu
+    monkeypatch.setattr(mlstm_ops, "mlstm_parallel_cpu", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     with torch.no_grad():
         fast = model.forward_features(x)
         assert len(calls) == len(model.blocks)
@@ -531,8 +531,8 @@ def test_openmp_kernels_share_pytorchs_team_or_build_sequential(tmp_path, monkey
     assert library.has_openmp() == int(probe.uses_openmp)  # the flag says what the build did
     if CompiledKernel._torch_uses_libgomp():
         assert probe.uses_openmp
-        _cpu_scan.load_library(), _cpu_mlstm.load_library()
-        assert _cpu_scan._KERNEL.uses_openmp and _cpu_mlstm._KERNEL.uses_openmp
+        scan_ops.load_library(), mlstm_ops.load_library()
+        assert scan_ops._KERNEL.uses_openmp and mlstm_ops._KERNEL.uses_openmp
         runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
         assert len(runtimes) == 1, runtimes
     compiler = tmp_path / "cc-without-openmp"

@@ -24,7 +24,7 @@ The C is compiled WITHOUT -ffast-math and with -ffp-contract=off: its subtractio
 products and divisions must round exactly as PyTorch's elementwise ops do; the reductions are
 vectorised by hand (16 independent lanes; max is order-free, so still exact).
 
-Same build scheme as `_cpu_scan` (cached under `$HEAR_MSM_CACHE`, default ~/.cache/hear_msm,
+Same build scheme as `selective_scan` (cached under `$HEAR_MSM_CACHE`, default ~/.cache/hear_msm,
 keyed by a hash of source and flags; no compiler -> one warning and xlstm's PyTorch form).
 Forward only.
 """
