@@ -18,15 +18,17 @@ __version__ = "0.1.0"
 from . import transformer as _transformer  # noqa: E402  isort: skip
 from . import mamba as _mamba  # noqa: E402  isort: skip
 from . import xlstm as _xlstm  # noqa: E402  isort: skip
+from . import ssamba as _ssamba  # noqa: E402  isort: skip
 from ._encoder import EncoderConfig, MaskedSpectrogramModel, SpectrogramEncoder  # noqa: E402
 from ._registry import list_models  # noqa: E402
 from .mamba import MambaConfig  # noqa: E402
+from .ssamba import SSAMBAConfig  # noqa: E402
 from .transformer import TransformerConfig  # noqa: E402
 from .xlstm import XLSTMConfig  # noqa: E402
 
 __all__ = [
     "__version__", "list_models", "create_model", "load_model",
-    "EncoderConfig", "TransformerConfig", "MambaConfig", "XLSTMConfig",
+    "EncoderConfig", "TransformerConfig", "MambaConfig", "XLSTMConfig", "SSAMBAConfig",
     "MaskedSpectrogramModel", "SpectrogramEncoder",
 ]
 
