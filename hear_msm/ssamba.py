@@ -342,9 +342,11 @@ def load_hub_state_dict(model: SSAMBAPretrainingModel | SSAMBAEncoder, state_dic
         if name in state and int(state[name]) != expected:
             raise ValueError(f"this checkpoint was pretrained on {name} = {int(state[name])}, "
                              f"but {config.arch} expects {expected}")
+    what = f"{config.arch} (Hub keys without {HUB_PREFIX!r})"
     if isinstance(model, SSAMBAEncoder):
         state = _encoder_entries(state, keep_head=hasattr(model, "head"))
-    load_strict(model, state, what=config.arch)
+        what = f"the {config.arch} encoder (Hub keys without {HUB_PREFIX + 'v.'!r})"
+    load_strict(model, state, what=what)
 
 
 def _encoder_entries(state: dict[str, torch.Tensor], keep_head: bool) -> dict[str, torch.Tensor]:
