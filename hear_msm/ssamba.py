@@ -21,7 +21,6 @@ files without DataParallel's `module.` prefix; `load_hub_state_dict` loads those
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +94,7 @@ class BiMambaMixer(MambaMixer):
         return self.out_proj((forward + backward) / 2)
 
     def forward_stream(self, hidden, state):
+        """Not available: each output depends on the whole sequence (the backward scan)."""
         raise ValueError("the bidirectional SSAMBA mixer needs the whole sequence at once; it cannot stream")
 
     def direction_weights(self, reverse: bool) -> tuple:
@@ -127,16 +127,15 @@ class BiMambaMixer(MambaMixer):
 
     @torch.no_grad()
     def reset_parameters(self, depth: int) -> None:
-        """mamba-ssm's initialisation for both directions (Vim's: out_proj scaled by 1/sqrt(depth))."""
+        """Vim's initialisation: mamba-ssm's for the forward scan (out_proj scaled by 1/sqrt(depth));
+        the backward scan's layers keep PyTorch's defaults, except that Vim's `_init_weights`
+        zeroes the `dt_proj_b` bias (only the forward dt bias is marked `_no_reinit`)."""
         super().reset_parameters(depth)
-        rank = self.config.resolved_dt_rank
         self.conv1d_b.reset_parameters()
-        nn.init.kaiming_uniform_(self.x_proj_b.weight, a=math.sqrt(5))
-        nn.init.uniform_(self.dt_proj_b.weight, -(rank**-0.5), rank**-0.5)
-        low, high = math.log(1e-3), math.log(0.1)  # step sizes log-uniform in [1e-3, 0.1]
-        dt = torch.exp(torch.rand(self.config.d_inner) * (high - low) + low).clamp_min(1e-4)
-        self.dt_proj_b.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.A_b_log.copy_(torch.log(torch.arange(1, self.config.d_state + 1, dtype=torch.float32)).repeat(self.config.d_inner, 1))
+        self.x_proj_b.reset_parameters()
+        self.dt_proj_b.reset_parameters()
+        nn.init.zeros_(self.dt_proj_b.bias)
+        self.A_b_log.copy_(self.A_log)  # S4D-real: log(1..d_state) in every channel, as the forward scan
         self.D_b.fill_(1.0)
 
 
@@ -368,9 +367,10 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
         wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        mismatches = ", ".join(f"{k}: {found[k]} vs {expected[k]}" for k in wrong[:5])
         details = [f"missing keys {missing[:5]}" if missing else "",
                    f"unexpected keys {unexpected[:5]}" if unexpected else "",
-                   "shape mismatches " + ", ".join(f"{k}: {found[k]} vs {expected[k]}" for k in wrong[:5]) if wrong else ""]
+                   f"shape mismatches {mismatches}" if wrong else ""]
         raise ValueError(f"weights do not fit {what}: " + "; ".join(d for d in details if d))
     module.load_state_dict(state, strict=True)
 
