@@ -2,7 +2,8 @@
 
 An encoder's config names its front end (`EncoderConfig.frontend`, a key of `FRONTENDS`) and its
 bins (`num_mels`); `build_frontend(config)` makes it. "logmel" is the 80-mel log-mel of Yadav et
-al.'s SSAST / SSAM / AxLSTM, exactly as the authors compute it (torchaudio MelSpectrogram).
+al.'s SSAST / SSAM / AxLSTM, exactly as the authors compute it (torchaudio MelSpectrogram);
+"kaldi_fbank" the 128-bin Kaldi fbank of SSAMBA (torchaudio.compliance.kaldi), as its data loader computes it.
 """
 from __future__ import annotations
 
@@ -41,7 +42,51 @@ class LogMelFrontend(nn.Module):
         return num_samples // HOP_SAMPLES + 1
 
 
-FRONTENDS = {"logmel": LogMelFrontend}
+WINDOW_SAMPLES = 400  # 25 ms Kaldi frames
+FBANK_MEAN, FBANK_STD = -4.2677393, 4.5689974  # SSAMBA's AudioSet + LibriSpeech fbank statistics
+
+
+class KaldiFbankFrontend(nn.Module):
+    """Waveforms [n, samples] at 16 kHz -> normalised Kaldi fbank [n, frames, num_mels] (SSAMBA).
+
+    As SSAMBA's data loader: per clip the waveform mean is removed, then
+    `torchaudio.compliance.kaldi.fbank` (htk_compat, hanning window, 10 ms shift, no dither, no
+    energy term; 25 ms frames without centring, so frames = 1 + (samples - 400) // 160), then
+    (fbank - mean) / (2 * std) with the dataset statistics. Float64 input is kept in float64.
+    """
+
+    def __init__(self, num_mels: int = 128, mean: float = FBANK_MEAN, std: float = FBANK_STD):
+        super().__init__()
+        self.num_mels, self.mean, self.std = num_mels, mean, std
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        if audio.ndim != 2 or audio.shape[1] < WINDOW_SAMPLES:
+            raise ValueError(f"expected waveforms [clips, samples] with at least {WINDOW_SAMPLES} samples "
+                             f"(25 ms at {SAMPLE_RATE} Hz), got shape {tuple(audio.shape)}")
+        audio = audio.to(torch.promote_types(audio.dtype, torch.float32))
+        return torch.stack([self.normalise(self._fbank(clip)) for clip in audio])
+
+    def _fbank(self, clip: torch.Tensor) -> torch.Tensor:
+        """[samples] -> log mel filterbank energies [frames, num_mels]."""
+        waveform = (clip - clip.mean())[None]
+        return torchaudio.compliance.kaldi.fbank(
+            waveform, htk_compat=True, sample_frequency=SAMPLE_RATE, use_energy=False, window_type="hanning",
+            num_mel_bins=self.num_mels, dither=0.0, frame_shift=1000 * HOP_SAMPLES / SAMPLE_RATE,
+        )
+
+    def normalise(self, fbank: torch.Tensor) -> torch.Tensor:
+        return (fbank - self.mean) / (self.std * 2)
+
+    def padding_value(self, dtype: torch.dtype = torch.float32) -> float:
+        """The normalised value of an all-zero fbank frame: what SSAMBA's loader pads short clips with."""
+        return self.normalise(torch.zeros(1, dtype=dtype)).item()
+
+    @staticmethod
+    def num_frames(num_samples: int) -> int:
+        return 1 + (num_samples - WINDOW_SAMPLES) // HOP_SAMPLES if num_samples >= WINDOW_SAMPLES else 0
+
+
+FRONTENDS = {"logmel": LogMelFrontend, "kaldi_fbank": KaldiFbankFrontend}
 
 
 def build_frontend(config) -> nn.Module:

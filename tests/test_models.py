@@ -19,9 +19,11 @@ PARAMS = {
 }
 
 
-def test_list_models_names_the_nine():
-    assert hear_msm.list_models() == list(PARAMS)
+def test_list_models_names_every_preset():
+    ssamba = ["ssamba_tiny", "ssamba_small", "ssamba_base"]  # keys and counts: tests/test_ssamba.py
+    assert hear_msm.list_models() == list(PARAMS) + ssamba
     assert hear_msm.list_models("ssam_*") == ["ssam_tiny", "ssam_small", "ssam_base"]
+    assert hear_msm.list_models("ssamba_*") == ssamba
 
 
 @pytest.mark.parametrize("arch", list(PARAMS))

@@ -95,7 +95,7 @@ class MambaMixer(nn.Module):
         needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))
         path = scan_ops.resolve(self.kernel, hidden.is_cuda)
         if path == "cuda" and state is None:
-            return self.out_proj(self._cuda_scan(u, dt, A, B, C, gate)), None
+            return self.out_proj(fused_cuda_scan(u, dt, A, B, C, gate, self.dt_proj, self.D)), None
         delta = F.softplus(self.dt_proj(dt).float())
         if path == "cpu" and state is None and needs_grad:
             # training: compiled forward and backward; the conv, dt_proj + softplus, A = -exp(A_log)
@@ -110,17 +110,6 @@ class MambaMixer(nn.Module):
         if state is not None:
             new_state = (new_tail, ssm_state)
         return self.out_proj(y), new_state
-
-    def _cuda_scan(self, u, dt, A, B, C, gate):
-        scan = scan_ops.load_cuda_scan()
-        # the fused kernel wants channels first, adds dt bias and softplus itself, and gates by z
-        delta = F.linear(dt, self.dt_proj.weight)
-        y = scan(
-            u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A,
-            B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
-            z=gate.transpose(1, 2).contiguous(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-        )
-        return y.transpose(1, 2)
 
     @torch.no_grad()
     def reset_parameters(self, depth: int) -> None:
@@ -138,6 +127,19 @@ class MambaMixer(nn.Module):
         # GPT-2 style: residual output projections scaled by 1/sqrt(depth)
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         self.out_proj.weight /= math.sqrt(depth)
+
+
+def fused_cuda_scan(u, dt, A, B, C, gate, dt_proj: nn.Linear, D: torch.Tensor) -> torch.Tensor:
+    """mamba-ssm's fused `selective_scan_fn` on [B, L, E] inputs: it wants channels first, adds the
+    dt bias and softplus itself, and gates by SiLU(z)."""
+    scan = scan_ops.load_cuda_scan()
+    delta = F.linear(dt, dt_proj.weight)
+    y = scan(
+        u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A,
+        B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float(),
+        z=gate.transpose(1, 2).contiguous(), delta_bias=dt_proj.bias.float(), delta_softplus=True,
+    )
+    return y.transpose(1, 2)
 
 
 class MambaBlock(nn.Module):
