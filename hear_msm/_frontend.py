@@ -41,6 +41,17 @@ class LogMelFrontend(nn.Module):
     def num_frames(num_samples: int) -> int:
         return num_samples // HOP_SAMPLES + 1
 
+    @staticmethod
+    def padding_value() -> float:
+        """What chunks are padded with (normalised space), as the authors' wrapper pads."""
+        return 0.0
+
+    @staticmethod
+    def first_column_centre_ms(column_frames: int) -> float:
+        """Timestamp of the first token column: the centre of the hops it spans (frames are centred
+        on multiples of 10 ms): 20 ms for 4-frame columns."""
+        return 1000.0 * column_frames * HOP_SAMPLES / SAMPLE_RATE / 2
+
 
 WINDOW_SAMPLES = 400  # 25 ms Kaldi frames
 FBANK_MEAN, FBANK_STD = -4.2677393, 4.5689974  # SSAMBA's AudioSet + LibriSpeech fbank statistics
@@ -84,6 +95,13 @@ class KaldiFbankFrontend(nn.Module):
     @staticmethod
     def num_frames(num_samples: int) -> int:
         return 1 + (num_samples - WINDOW_SAMPLES) // HOP_SAMPLES if num_samples >= WINDOW_SAMPLES else 0
+
+    @staticmethod
+    def first_column_centre_ms(column_frames: int) -> float:
+        """Timestamp of the first token column: the mean centre of its frames (frame i covers
+        10 i .. 10 i + 25 ms, uncentred): 87.5 ms for 16-frame columns."""
+        hop_ms = 1000.0 * HOP_SAMPLES / SAMPLE_RATE
+        return hop_ms * (column_frames - 1) / 2 + 500.0 * WINDOW_SAMPLES / SAMPLE_RATE
 
 
 FRONTENDS = {"logmel": LogMelFrontend, "kaldi_fbank": KaldiFbankFrontend}

@@ -1,14 +1,20 @@
-"""HEAR runtime: clips of any length -> 40 ms timestamp embeddings and scene embeddings.
+"""HEAR runtime: clips of any length -> timestamp embeddings (one per token column) and scene embeddings.
 
-A clip's per-clip-normalised log-mel is cut into 2 s chunks (200 frames, zero-padded at the
-end); every chunk of every clip goes through the encoder in batches of at most
-`max_batch_chunks`; each chunk yields 50 token columns whose 5 frequency tokens are
-concatenated into one 5*D embedding per 40 ms.
+A chunk is one encoder input window: `config.num_frames` feature frames (2 s of log-mel for
+SSAST / SSAM / AxLSTM, 10.24 s of Kaldi fbank for SSAMBA). A clip's features (the front end the
+config names) are cut into chunks; every chunk of every clip goes through the encoder in batches
+of at most `max_batch_chunks`; each chunk yields `grid_time` token columns whose `grid_freq`
+frequency tokens are concatenated into one grid_freq * D embedding per column (40 ms for the
+80-mel families, 160 ms for SSAMBA). The last chunk is padded with the front end's padding value:
+to a whole chunk for encoders trained on fixed windows (as the authors' wrappers do), or only to
+a whole column for encoders that take shorter inputs (SSAMBA: the padding never reaches the
+positions or tokens of the audio before it).
 
 Layouts:
-  "time"      (default) column j holds the 5 frequency tokens of time step j, in time order;
-              one embedding per 40 ms of audio (a last column with < 20 ms of audio is dropped),
-              timestamps at column centres 20 + 40 j ms.
+  "time"      (default) column j holds the frequency tokens of time step j, in time order, one
+              embedding per column; timestamps at column centres (`first_column_centre_ms` of the
+              front end + hop * j: 20 + 40 j ms for log-mel, 87.5 + 160 j ms for Kaldi fbank); a
+              last column whose centre lies past the end of the clip is dropped.
   "official"  reproduces the authors' wrapper bit for bit, including its frame layout, which
               reads the time-major tokens as frequency-major ('b (f t) d -> b t (f d)'): each
               output frame then mixes 5 time steps of one band, so time order is scrambled.
@@ -44,7 +50,7 @@ import torch
 from torch import nn
 
 from .models.encoder import POSITION_MODES, SpectrogramEncoder
-from ._frontend import HOP_SAMPLES, SAMPLE_RATE, LogMelFrontend, build_frontend
+from ._frontend import HOP_SAMPLES, SAMPLE_RATE, build_frontend
 
 LAYOUTS = ("time", "official")
 SEQUENCES = ("chunked", "full")
@@ -65,13 +71,16 @@ class HearModel(nn.Module):
             raise ValueError(f"sequence must be one of {SEQUENCES}, got {sequence!r}")
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        if layout == "official" and encoder.config.frontend != "logmel":
+            raise ValueError(f"layout='official' reproduces the HEAR wrapper of the 80-mel families; "
+                             f"{encoder.config.arch} has none, use layout='time'")
         if sequence == "full":
             if layout != "time":
                 raise ValueError("sequence='full' needs layout='time' (the official layout is defined per 2 s chunk)")
-            if not all(hasattr(block, "forward_stream") for block in encoder.blocks):
+            if not all(hasattr(block, "forward_stream") for block in getattr(encoder, "blocks", [None])):
                 raise ValueError(
-                    f"sequence='full' is for the recurrent encoders (ssam_*, axlstm_*); "
-                    f"{encoder.config.arch} has attention blocks, use sequence='chunked'"
+                    f"sequence='full' is for the causal recurrent encoders (ssam_*, axlstm_*); "
+                    f"{encoder.config.arch} cannot stream its blocks, use sequence='chunked'"
                 )
         if int(segment_tokens) < 1:
             raise ValueError(f"segment_tokens must be a positive integer, got {segment_tokens!r}")
@@ -91,9 +100,11 @@ class HearModel(nn.Module):
         self.chunk_frames = cfg.num_frames
         self.column_frames = cfg.patch_frames
         self.columns_per_chunk = cfg.grid_time
-        # 40 ms per token column
-        self.column_samples = self.column_frames * HOP_SAMPLES
+        # frames the last chunk is padded to a multiple of: a whole chunk, or one column
+        self.pad_multiple = self.column_frames if getattr(encoder, "takes_shorter_inputs", False) else self.chunk_frames
+        self.column_samples = self.column_frames * HOP_SAMPLES  # 640 (40 ms) or 2560 (160 ms)
         self.hop_ms = 1000.0 * self.column_samples / SAMPLE_RATE
+        self.first_centre_ms = self.frontend.first_column_centre_ms(self.column_frames)
 
     @property
     def max_batch_chunks(self) -> int:
@@ -107,7 +118,9 @@ class HearModel(nn.Module):
         if next(self.encoder.parameters()).is_cuda:
             return 32
         config = self.encoder.config
-        per_thread = max(1, (4 if config.family == "xlstm" else 8) * 192 // config.embed_dim)
+        # the tiny 2 s chunk is the unit; wider models and longer chunks take proportionally fewer
+        per_thread = (4 if config.family == "xlstm" else 8) * 192 // config.embed_dim
+        per_thread = max(1, per_thread * 251 // (1 + config.num_patches))
         return min(32, per_thread * max(1, torch.get_num_threads()))
 
     @property
@@ -117,14 +130,15 @@ class HearModel(nn.Module):
     # ----------------------------------------------------------------------------- geometry
     def plan(self, num_samples: int) -> tuple[int, int]:
         """(chunks, embeddings) per clip of `num_samples` samples for this layout."""
-        frames = LogMelFrontend.num_frames(num_samples)
         if self.layout == "official":
+            frames = self.frontend.num_frames(num_samples)
             padding = self.chunk_frames - frames % self.chunk_frames  # 1..200: always pads
             chunks = (frames + padding) // self.chunk_frames
             trimmed = int(self.columns_per_chunk * padding / self.chunk_frames)
             return chunks, chunks * self.columns_per_chunk - trimmed
-        # one column per 40 ms, rounding so that every timestamp lies inside the clip
-        columns = (num_samples + self.column_samples // 2) // self.column_samples
+        # one column per hop, every timestamp inside the clip (for log-mel: rounding to 40 ms)
+        first_centre = round(self.first_centre_ms * SAMPLE_RATE / 1000)
+        columns = max(0, (num_samples - first_centre) // self.column_samples + 1)
         if self.sequence == "full":
             return 1, columns
         return math.ceil(columns / self.columns_per_chunk), columns
@@ -137,7 +151,7 @@ class HearModel(nn.Module):
             step = num_samples / SAMPLE_RATE / count * 1000.0
             times = step * torch.arange(count, dtype=torch.float64)
         else:
-            times = self.hop_ms * (torch.arange(count, dtype=torch.float64) + 0.5)
+            times = self.first_centre_ms + self.hop_ms * torch.arange(count, dtype=torch.float64)
         return times.float().expand(num_clips, count).contiguous()
 
     # ----------------------------------------------------------------------------- encoding
@@ -148,22 +162,33 @@ class HearModel(nn.Module):
             yield from self._full_embeddings(audio)
             return
         num_clips, num_samples = audio.shape
-        chunks, _ = self.plan(num_samples)
-        region = chunks * self.chunk_frames
+        chunks, columns = self.plan(num_samples)
+        if self.layout == "official":
+            region = chunks * self.chunk_frames
+        else:  # whole columns, padded up to the multiple the encoder needs
+            region = math.ceil(columns * self.column_frames / self.pad_multiple) * self.pad_multiple
+        full_chunks, tail_frames = divmod(region, self.chunk_frames)
         device = next(self.encoder.parameters()).device
-        for clip_start in range(0, num_clips, max(1, self.max_batch_chunks // chunks)):
-            clips = audio[clip_start:clip_start + max(1, self.max_batch_chunks // chunks)].to(device)
-            features = self.frontend.to(device)(clips)  # [c, frames, mels]
-            frames = features.shape[1]
-            if frames < region:
-                features = torch.nn.functional.pad(features, (0, 0, 0, region - frames))
-            # a lone frame past the last chunk (clip length an exact multiple of 40 ms) is dropped
+        clips_per_call = max(1, self.max_batch_chunks // chunks)
+        for clip_start in range(0, num_clips, clips_per_call):
+            clips = audio[clip_start:clip_start + clips_per_call].to(device)
+            features = self.frontend.to(device)(clips)  # [c, frames, bins]
+            if features.shape[1] < region:
+                padding = (0, 0, 0, region - features.shape[1])
+                features = torch.nn.functional.pad(features, padding, value=self.frontend.padding_value())
+            # frames past the last column (e.g. a lone frame at an exact multiple of 40 ms) are dropped
             features = features[:, :region]
-            chunk_batch = features.reshape(-1, 1, self.chunk_frames, features.shape[-1])  # [c*chunks, 1, 200, 80]
-            clip_index = torch.arange(clip_start, clip_start + clips.shape[0]).repeat_interleave(chunks)
-            for start in range(0, chunk_batch.shape[0], self.max_batch_chunks):
-                tokens = self.encoder.forward_features(chunk_batch[start:start + self.max_batch_chunks])  # [k, N, D]
-                yield clip_index[start:start + self.max_batch_chunks], self._columns(tokens)
+            index = torch.arange(clip_start, clip_start + clips.shape[0])
+            whole = features[:, :full_chunks * self.chunk_frames].reshape(-1, 1, self.chunk_frames, features.shape[-1])
+            yield from self._encode(whole, index.repeat_interleave(full_chunks))
+            if tail_frames:  # a shorter last chunk (encoders that take shorter inputs)
+                yield from self._encode(features[:, None, full_chunks * self.chunk_frames:], index)
+
+    def _encode(self, chunk_batch: torch.Tensor, clip_index: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """chunks [k, 1, frames, bins] -> (clip_index, column embeddings) in calls of max_batch_chunks."""
+        for start in range(0, chunk_batch.shape[0], self.max_batch_chunks):
+            tokens = self.encoder.forward_features(chunk_batch[start:start + self.max_batch_chunks])  # [k, N, D]
+            yield clip_index[start:start + self.max_batch_chunks], self._columns(tokens)
 
     def _full_embeddings(self, audio: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Whole clips as one sequence each; clips grouped while their tokens fit the chunk budget."""
@@ -177,7 +202,8 @@ class HearModel(nn.Module):
             features = self.frontend.to(device)(clips)  # [c, frames, mels]
             region = columns * self.column_frames
             if features.shape[1] < region:
-                features = torch.nn.functional.pad(features, (0, 0, 0, region - features.shape[1]))
+                padding = (0, 0, 0, region - features.shape[1])
+                features = torch.nn.functional.pad(features, padding, value=self.frontend.padding_value())
             tokens = self.encoder.forward_sequence(features[:, None, :region], self.segment_tokens,
                                                    self.positions)  # [c, columns * 5, D]
             yield torch.arange(clip_start, clip_start + clips.shape[0]), tokens.reshape(clips.shape[0], columns, -1)
@@ -185,7 +211,8 @@ class HearModel(nn.Module):
     def _columns(self, tokens: torch.Tensor) -> torch.Tensor:
         """Patch tokens [k, T*F, D] (time-major) -> frame embeddings [k, T, F*D]."""
         k, _, dim = tokens.shape
-        t, f = self.columns_per_chunk, tokens.shape[1] // self.columns_per_chunk
+        f = self.encoder.config.grid_freq
+        t = tokens.shape[1] // f
         if self.layout == "official":
             return tokens.reshape(k, f, t, dim).transpose(1, 2).reshape(k, t, f * dim)
         return tokens.reshape(k, t, f * dim)

@@ -178,3 +178,52 @@ def test_cli_embeds_real_audio_files(tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
     missing = subprocess.run(cli[:4] + ["nope.wav"] + cli[5:] + ["--overwrite"], capture_output=True, text=True)
     assert missing.returncode == 2 and "nope.wav" in missing.stderr
+
+
+# ----------------------------------------------------------------------------- SSAMBA windows
+def _ssamba_runtime():
+    torch.manual_seed(0)
+    return HearModel(hear_msm.create_model("ssamba_tiny").eval())
+
+
+def test_ssamba_columns_are_160_ms_with_frame_centred_timestamps():
+    runtime = _ssamba_runtime()
+    assert (runtime.hop_ms, runtime.timestamp_embedding_size, runtime.chunk_frames) == (160.0, 8 * 192, 1024)
+    for samples in (2560, 17120, 64000):
+        embeddings, timestamps = runtime.timestamp_embeddings(0.1 * torch.randn(1, samples))
+        count = (samples - 1400) // 2560 + 1  # every column whose centre lies inside the clip
+        assert embeddings.shape == (1, count, 1536)
+        expected = 87.5 + 160.0 * torch.arange(count, dtype=torch.float32)
+        assert torch.equal(timestamps[0], expected) and timestamps[0, -1] <= 1000 * samples / 16000
+
+
+def test_ssamba_short_clip_sees_no_padding_and_long_clips_use_whole_windows():
+    """A clip of whole columns is encoded from its own frames only (the padding value cannot
+    matter), and an 11 s clip is one 1024-frame window plus a shorter tail window."""
+    runtime = _ssamba_runtime()
+    samples = 400 + 111 * 160  # exactly 112 fbank frames = 7 columns
+    audio = 0.1 * torch.randn(2, samples)
+    embeddings, _ = runtime.timestamp_embeddings(audio)
+    features = runtime.frontend(audio)
+    assert features.shape[1] == 112
+    with torch.no_grad():
+        direct = runtime.encoder.forward_features(features[:, None]).reshape(2, 7, -1)
+    assert (embeddings - direct).abs().max().item() < 1e-5
+    runtime.frontend.padding_value = lambda: 100.0  # would wreck any padded frame it reached
+    again, _ = runtime.timestamp_embeddings(audio)
+    assert torch.equal(again, embeddings)
+    long = 0.1 * torch.randn(1, 11 * 16000)
+    embeddings, timestamps = runtime.timestamp_embeddings(long)
+    assert embeddings.shape[1] == 69 and timestamps[0, -1] < 11000  # 64 columns + 5 of the tail window
+    features = runtime.frontend(long)
+    with torch.no_grad():
+        first = runtime.encoder.forward_features(features[:, None, :1024]).reshape(1, 64, -1)
+    assert (embeddings[:, :64] - first).abs().max().item() < 1e-5
+
+
+def test_ssamba_refuses_what_it_cannot_do():
+    model = hear_msm.create_model("ssamba_tiny")
+    with pytest.raises(ValueError, match="official"):
+        HearModel(model, layout="official")
+    with pytest.raises(ValueError, match="cannot stream"):
+        HearModel(model, sequence="full")

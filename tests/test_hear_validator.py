@@ -1,9 +1,10 @@
-"""The real `hear-validator` (hearvalidator 2021.0.6) accepts all nine hear_msm modules on CPU.
+"""The real `hear-validator` (hearvalidator 2021.0.6) accepts every hear_msm module on CPU.
 
 Weights alternate between the two loaders: our format (a random-init folder with config.json +
-model.safetensors, written by save_pretrained) and an official-format checkpoint
-(torch.save({'model': state_dict, 'epoch': 0}) of tests/random_checkpoint.py's state dict), so
-every family is validated with both. 10-60 s per model on one CPU thread (ssam_base slowest).
+model.safetensors, written by save_pretrained) and the authors' checkpoint format
+(torch.save({'model': state_dict, 'epoch': 0}) of tests/random_checkpoint.py's state dict for
+SSAST / SSAM / AxLSTM), so every family is validated with both. 10-60 s per model on one CPU
+thread (ssam_base and ssamba_base slowest).
 """
 import os
 import shutil
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _weights(arch, folder):
-    if ARCHS.index(arch) % 2 == 0:
+    if ARCHS.index(arch) % 2 == 0 or arch.startswith("ssamba"):
         from hear_msm._weights import save_pretrained
 
         save_pretrained(hear_msm.create_model(arch), folder / arch)

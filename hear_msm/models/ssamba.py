@@ -182,6 +182,8 @@ class SSAMBAEncoder(nn.Module):
     that SSAMBA never uses); the embedding encoder has none.
     """
 
+    takes_shorter_inputs = True  # any whole number of columns up to num_frames (see check_input)
+
     def __init__(self, config: SSAMBAConfig, kernel: str = "auto", head_classes: int = 0):
         super().__init__()
         self.config = config
@@ -267,6 +269,8 @@ class SSAMBAPretrainingModel(nn.Module):
     parts, `mask_embed` and the discriminative / generative heads `cpredlayer` / `gpredlayer`
     (Linear -> ReLU -> Linear to the 256 values of a 16x16 patch). Its `state_dict()` keys are the
     Hub keys without `module.`; `p_input_fdim` / `p_input_tdim` (int64) record the input size."""
+
+    takes_shorter_inputs = True
 
     def __init__(self, config: SSAMBAConfig, kernel: str = "auto"):
         super().__init__()
