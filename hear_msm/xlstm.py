@@ -166,7 +166,14 @@ def mlstm_layer_forward(layer: nn.Module, x: torch.Tensor, state: tuple | None =
     return (out, (conv_state, cell_state)) if carry else out
 
 
-MLSTM_KERNELS = ("auto", "cpu", "fused", "reference")
+MLSTM_KERNELS = ("auto", "cpu", "fused", "reference")  # the gate-matrix implementations (`set_mlstm_kernel`)
+
+
+def check_kernel(kernel: str) -> str:
+    """The one check of a kernel value for AxLSTM: the builder and `set_mlstm_kernel` call it."""
+    if kernel not in MLSTM_KERNELS:
+        raise ValueError(f"kernel must be one of {MLSTM_KERNELS} for AxLSTM (mLSTM) models, got {kernel!r}")
+    return kernel
 
 
 def use_cpu_mlstm_kernel(kernel: str, tensor_is_cuda: bool, needs_grad: bool, kernel_loader=None) -> bool:
@@ -174,7 +181,7 @@ def use_cpu_mlstm_kernel(kernel: str, tensor_is_cuda: bool, needs_grad: bool, ke
 
     `auto` takes it for CPU tensors when no gradient is needed and it builds; `cpu` and `fused`
     demand it (clear error on CUDA tensors, with gradients, or when it cannot be built);
-    `reference` (and `cuda`, which `create_model` may pass for the SSAM scan) never takes it.
+    `reference` never takes it.
     """
     if kernel not in ("auto", "cpu", "fused") or (kernel == "auto" and (tensor_is_cuda or needs_grad)):
         return False
@@ -296,8 +303,7 @@ def set_mlstm_kernel(model: nn.Module, kernel: str) -> None:
         but our exp and sum order (~1e-7 relative per cell, up to ~2e-5 on a whole model);
     "reference": always xlstm's PyTorch form.
     """
-    if kernel not in MLSTM_KERNELS:
-        raise ValueError(f"kernel must be one of {MLSTM_KERNELS}, got {kernel!r}")
+    check_kernel(kernel)
     for module in model.modules():
         if isinstance(module, XLSTMBlock):
             module.layer.mlstm_cell.backend_fn.kernel = kernel
@@ -307,7 +313,8 @@ def set_mlstm_kernel(model: nn.Module, kernel: str) -> None:
 
 def build_xlstm(config: XLSTMConfig, kernel: str = "auto") -> MaskedSpectrogramModel:
     """The mLSTM layers initialise themselves (xlstm's small-init / Wang init). `kernel` as in
-    `set_mlstm_kernel`; "cuda" (meant for SSAM's scan) means xlstm's PyTorch form here."""
+    `set_mlstm_kernel` (one of MLSTM_KERNELS; there is no CUDA mLSTM kernel here, so "cuda" is refused)."""
+    check_kernel(kernel)  # before any block is built
     model = MaskedSpectrogramModel(config, lambda index: XLSTMBlock(config, reverse=index % 2 == 1, kernel=kernel))
     model.reset_shared_parameters()
     return model
