@@ -13,7 +13,10 @@ Layouts:
               reads the time-major tokens as frequency-major ('b (f t) d -> b t (f d)'): each
               output frame then mixes 5 time steps of one band, so time order is scrambled.
               Their chunking (always a padded tail chunk) and evenly spread timestamps are
-              reproduced too. Use it only to reproduce the published numbers.
+              reproduced too. Use it only to reproduce the published numbers. (Two kinds of clip
+              differ from their code, in both layouts: digitally silent clips, which get zero
+              features instead of a float-rounding artefact, and clips loud enough to overflow
+              float32, which get finite features instead of NaN; see `LogMelFrontend`.)
 
 Sequence modes (recurrent encoders, SSAM and AxLSTM, with the "time" layout):
   "chunked"   (default) every 2 s chunk is encoded on its own, as in pretraining and the authors'

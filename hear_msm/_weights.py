@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from . import _checkpoint, _hub
-from ._files import atomic_write, write_text_atomic
 from ._encoder import EncoderConfig, MaskedSpectrogramModel, config_from_dict
+from ._files import atomic_write, write_text_atomic
 from ._registry import build_from_config, list_models, model_builder
 
 CONFIG_NAME = "config.json"

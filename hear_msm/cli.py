@@ -60,6 +60,12 @@ def check_output_file(out: Path, overwrite: bool, suffix: str) -> None:
         raise ValueError(f"--out {out}: no permission to write in {existing}")
 
 
+def _write_failed(path: Path, error: OSError, existed: bool) -> OSError:
+    """A failed atomic write, said in words: what failed, why, and that nothing was damaged."""
+    kept = "the previous file is unchanged" if existed else "nothing was written"
+    return OSError(f"cannot write {path}: {error.strerror or error}; {kept}")
+
+
 def _cmd_embed(args) -> int:
     import torch
     from tqdm import tqdm
@@ -91,22 +97,32 @@ def _cmd_embed(args) -> int:
         result[f"timestamps_{index:04d}"] = timestamps[0].cpu().numpy()
         scenes.append(embeddings[0].mean(0).cpu().numpy())
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as handle:  # a failed write leaves an existing --out as it was
-        np.savez(
-            handle, files=np.array([str(f) for f in files]), scene_embeddings=np.stack(scenes),
-            model=np.array(args.model), weights=np.array(model.weights), layout=np.array(args.layout), **result,
-        )
+    existed = out.exists()
+    try:
+        with atomic_write(out) as handle:  # a failed write leaves an existing --out as it was
+            np.savez(
+                handle, files=np.array([str(f) for f in files]), scene_embeddings=np.stack(scenes),
+                model=np.array(args.model), weights=np.array(model.weights), layout=np.array(args.layout), **result,
+            )
+    except OSError as error:
+        raise _write_failed(out, error, existed) from None
     print(f"wrote {out}: {len(files)} file(s), scene embeddings {np.stack(scenes).shape}, "
           f"timestamp embeddings every {model.hop_ms:.0f} ms", file=sys.stderr)
     return 0
 
 
 def _cmd_convert(args) -> int:
-    from hear_msm._weights import EXPORT_DTYPES, instantiate, load_weights, save_pretrained
+    from hear_msm._weights import EXPORT_DTYPES, WEIGHTS_NAME, instantiate, load_weights, save_pretrained
 
     weights = load_weights(args.checkpoint)
     model = instantiate(weights)
-    out = save_pretrained(model, args.out_dir, dtype=EXPORT_DTYPES[args.dtype], overwrite=args.overwrite)
+    existed = (Path(args.out_dir) / WEIGHTS_NAME).exists()
+    try:
+        out = save_pretrained(model, args.out_dir, dtype=EXPORT_DTYPES[args.dtype], overwrite=args.overwrite)
+    except OSError as error:
+        if isinstance(error, FileExistsError):  # our refusal to overwrite, already explained
+            raise
+        raise _write_failed(Path(args.out_dir) / WEIGHTS_NAME, error, existed) from None
     print(f"converted {weights.source} ({model.config.arch}) -> {out}")
     return 0
 
