@@ -37,12 +37,14 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
     pretrained: False (random init), True (the architecture's default tag) or any weight
         source accepted by `load_model` (path, "hf://org/repo@rev", tag). Weights must match
         the architecture exactly; a checkpoint of another family or size is an error.
-    kernel: "auto" | "cuda" | "cpu" | "reference", the selective-scan implementation (SSAM):
-        "auto" takes mamba-ssm's fused kernel on CUDA and the compiled CPU scan for inference on
-        CPU, else the PyTorch reference; "cpu" (inference only) and "cuda" demand their kernel.
-        For AxLSTM the mLSTM gate kernel (`hear_msm.models.xlstm.set_mlstm_kernel`): "auto" takes the
-        compiled CPU kernel for inference on CPU (bit-identical), "cpu" demands it, "cuda" and
-        "reference" keep xlstm's PyTorch form.
+    kernel: a runtime choice; each family accepts its own values and refuses others (ValueError
+        naming them). SSAM, the selective scan, "auto" | "cuda" | "cpu" | "reference": "auto"
+        takes mamba-ssm's fused kernel on CUDA and the compiled CPU scan on CPU, else the PyTorch
+        reference; "cpu" and "cuda" demand their kernel. AxLSTM, the mLSTM gate kernel
+        (`hear_msm.models.xlstm.set_mlstm_kernel`), "auto" | "cpu" | "fused" | "reference": "auto" takes
+        the compiled CPU kernel for inference on CPU (bit-identical), "cpu" demands it,
+        "reference" keeps xlstm's PyTorch form. SSAST, "auto" | "reference" (one attention path).
+        SSAMBA as SSAM (both scan directions).
     """
     from .models.registry import model_builder
 

@@ -19,7 +19,10 @@ Layouts:
               reads the time-major tokens as frequency-major ('b (f t) d -> b t (f d)'): each
               output frame then mixes 5 time steps of one band, so time order is scrambled.
               Their chunking (always a padded tail chunk) and evenly spread timestamps are
-              reproduced too. Use it only to reproduce the published numbers.
+              reproduced too. Use it only to reproduce the published numbers. (Two kinds of clip
+              differ from their code, in both layouts: digitally silent clips, which get zero
+              features instead of a float-rounding artefact, and clips loud enough to overflow
+              float32, which get finite features instead of NaN; see `LogMelFrontend`.)
 
 Sequence modes (recurrent encoders, SSAM and AxLSTM, with the "time" layout):
   "chunked"   (default) every 2 s chunk is encoded on its own, as in pretraining and the authors'
@@ -42,6 +45,7 @@ Sequence modes (recurrent encoders, SSAM and AxLSTM, with the "time" layout):
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Iterator
 
@@ -54,6 +58,8 @@ from ._frontend import HOP_SAMPLES, SAMPLE_RATE, build_frontend
 
 LAYOUTS = ("time", "official")
 SEQUENCES = ("chunked", "full")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
 class HearModel(nn.Module):
@@ -82,10 +88,12 @@ class HearModel(nn.Module):
                     f"sequence='full' is for the causal recurrent encoders (ssam_*, axlstm_*); "
                     f"{encoder.config.arch} cannot stream its blocks, use sequence='chunked'"
                 )
-        if int(segment_tokens) < 1:
-            raise ValueError(f"segment_tokens must be a positive integer, got {segment_tokens!r}")
-        if max_batch_chunks is not None and int(max_batch_chunks) < 1:
-            raise ValueError(f"max_batch_chunks must be a positive integer or None, got {max_batch_chunks!r}")
+        elif positions != "auto":
+            raise ValueError(f"positions={positions!r} applies to sequence='full' only; with sequence='chunked' "
+                             "every 2 s chunk uses the checkpoint's own 50-column table (leave positions='auto')")
+        _check_positive_int("segment_tokens", segment_tokens)
+        if max_batch_chunks is not None:
+            _check_positive_int("max_batch_chunks", max_batch_chunks, "or None (the default for the device)")
         self.encoder = encoder.eval()
         self.frontend = build_frontend(encoder.config)
         self.layout = layout
@@ -217,10 +225,36 @@ class HearModel(nn.Module):
             return tokens.reshape(k, f, t, dim).transpose(1, 2).reshape(k, t, f * dim)
         return tokens.reshape(k, t, f * dim)
 
+    def _check_dtype(self) -> None:
+        """The runtime computes in the dtype of the model's tensors: float32 (or float64) only."""
+        dtypes = {t.dtype for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()}
+        if len(dtypes) > 1 or not dtypes <= set(COMPUTE_DTYPES):
+            found = ", ".join(sorted(str(d) for d in dtypes))
+            raise ValueError(
+                f"HEAR embeddings are computed in float32 (or float64); this model holds {found} tensors "
+                "(after model.half() or .to(dtype)?): call model.float() before embedding"
+            )
+
+    def _require_finite(self, embeddings: torch.Tensor, what: str) -> torch.Tensor:
+        """Last guard: finite audio must never come back as a non-finite embedding."""
+        finite = torch.isfinite(embeddings).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            raise ValueError(
+                f"the encoder returned non-finite {what} for clip(s) {bad[:10]} although the audio is finite: "
+                f"the weights ({self.weights or 'this model'}) hold NaN/Inf or overflow; they cannot be used"
+            )
+        return embeddings
+
     @torch.no_grad()
     def timestamp_embeddings(self, audio) -> tuple[torch.Tensor, torch.Tensor]:
-        """audio [n, samples] float at 16 kHz -> (embeddings [n, T, 5*D], timestamps [n, T] ms)."""
+        """audio [n, samples] float at 16 kHz -> (embeddings [n, T, 5*D], timestamps [n, T] ms).
+
+        Raises ValueError for invalid audio (see `validate_audio`), a model not in float32/float64,
+        or weights that turn finite audio into non-finite embeddings.
+        """
         audio = validate_audio(audio, self.column_samples)
+        self._check_dtype()
         num_clips, num_samples = audio.shape
         _, count = self.plan(num_samples)
         pieces: list[list[torch.Tensor]] = [[] for _ in range(num_clips)]
@@ -231,6 +265,7 @@ class HearModel(nn.Module):
             embeddings = torch.stack([torch.cat(p)[:count] for p in pieces]).float()
         else:
             embeddings = torch.zeros(0, count, self.timestamp_embedding_size)
+        self._require_finite(embeddings, "timestamp embeddings")
         return embeddings, self.timestamps(num_clips, num_samples).to(embeddings.device)
 
     @torch.no_grad()
@@ -238,8 +273,10 @@ class HearModel(nn.Module):
         """audio [n, samples] float at 16 kHz -> mean of the timestamp embeddings [n, 5*D].
 
         Accumulated chunk by chunk, so hour-long clips never hold all frame embeddings at once.
+        Raises ValueError as `timestamp_embeddings` does.
         """
         audio = validate_audio(audio, self.column_samples)
+        self._check_dtype()
         num_clips, num_samples = audio.shape
         _, count = self.plan(num_samples)
         sums = torch.zeros(num_clips, self.scene_embedding_size, dtype=torch.float64)
@@ -250,11 +287,43 @@ class HearModel(nn.Module):
                 sums[i] += kept.double().sum(0).cpu()
                 seen[i] += clip_frames.shape[0]
         device = next(self.encoder.parameters()).device
-        return (sums / count).float().to(device)
+        return self._require_finite((sums / count).float(), "scene embeddings").to(device)
+
+
+def _check_positive_int(name: str, value, alternative: str = "") -> None:
+    """A positive int (numpy ints too); floats, numeric strings and bools are refused, not truncated."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' ' + alternative if alternative else ''}, "
+                         f"got {value!r} ({type(value).__name__})")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that exists on this machine; ValueError naming what is accepted."""
+    accepted = "'cpu', 'cuda', 'cuda:<index>' or 'mps'"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be {accepted}, got {device!r}") from None
+    if resolved.type not in DEVICE_TYPES:
+        raise ValueError(f"device must be {accepted}, got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is usable here (torch.cuda.is_available() is False); "
+                             "use device 'cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: Apple MPS is not available here; use device 'cpu'")
+    return resolved
 
 
 def validate_audio(audio, min_samples: int) -> torch.Tensor:
-    """Check HEAR input and return it as a float32 tensor [n, samples]; ValueError otherwise."""
+    """Check HEAR input and return it as a float32 tensor [n, samples]; ValueError otherwise.
+
+    Accepted: finite values within the float32 range (|x| <= 3.4e38); nominally [-1, 1], but the
+    features are standardised per clip, so the level does not matter (see `LogMelFrontend`).
+    """
     if isinstance(audio, np.ndarray):
         audio = torch.from_numpy(audio)
     if not isinstance(audio, torch.Tensor):
@@ -279,7 +348,14 @@ def validate_audio(audio, min_samples: int) -> torch.Tensor:
         if not bool(finite.all()):
             bad = torch.nonzero(~finite).flatten().tolist()
             raise ValueError(f"audio contains NaN or Inf values in clip(s) {bad[:10]}")
-    return audio.float()
+    converted = audio.float()
+    if audio.dtype != torch.float32 and converted.numel():
+        in_range = torch.isfinite(converted).all(dim=1)
+        if not bool(in_range.all()):
+            bad = torch.nonzero(~in_range).flatten().tolist()
+            raise ValueError(f"audio values in clip(s) {bad[:10]} exceed the float32 range (|x| <= 3.4e38) the "
+                             "features are computed in; audio is nominally within [-1, 1]")
+    return converted
 
 
 # ------------------------------------------------------------------------------------ HEAR API
@@ -298,10 +374,14 @@ def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", 
     sequence: "chunked" (default, 2 s chunks as in pretraining) or "full" (SSAM/AxLSTM only: the
         whole clip as one sequence, linear time and memory); see this module's docstring.
     segment_tokens: full mode only, tokens per segment (5 per 40 ms); bounds working memory.
-    positions: full mode only, "auto" | "extend" | "tile" (see `SpectrogramEncoder.position_rows`).
+    positions: full mode only, "auto" | "extend" | "tile" (see `SpectrogramEncoder.position_rows`);
+        with sequence="chunked" only "auto" is accepted.
+    kernel: the family's kernel choice (see `hear_msm.create_model`); each family names its values.
+    device: None (CPU), "cpu", "cuda[:index]" or "mps"; refused when absent on this machine.
     """
     from . import create_model
 
+    device = check_device(device) if device is not None else None  # before any weights are read
     model = create_model(arch, pretrained=os.fspath(model_file_path) or True, kernel=kernel)
     runtime = HearModel(model, layout=layout, max_batch_chunks=max_batch_chunks, weights=model.weights_source,
                         sequence=sequence, segment_tokens=segment_tokens, positions=positions)

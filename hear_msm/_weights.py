@@ -17,11 +17,13 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from . import _checkpoint, _hub
 from .models.encoder import EncoderConfig, MaskedSpectrogramModel, config_from_dict
 from .models.registry import build_from_config, list_models, model_builder
+from ._files import atomic_write, write_text_atomic
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -246,20 +248,30 @@ def save_pretrained(model: MaskedSpectrogramModel, directory: str | os.PathLike,
                     overwrite: bool = False, model_card: str | None = None) -> Path:
     """Write config.json + model.safetensors (+ a README.md model card if none exists).
 
-    Refuses to replace existing weights unless `overwrite`; never replaces a README.md.
+    Refuses to replace existing weights unless `overwrite`; never replaces a README.md. Each file
+    is written atomically with the permissions the umask allows (`_files.atomic_write`), and both
+    weights and config are on disk before either is renamed into place: a failed write (disk full,
+    quota) leaves the previous pair as it was.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file; weights are saved into a folder")
     directory.mkdir(parents=True, exist_ok=True)
     weights_file, config_file = directory / WEIGHTS_NAME, directory / CONFIG_NAME
     if not overwrite and (weights_file.exists() or config_file.exists()):
         raise FileExistsError(f"{directory} already holds hear_msm weights; pass overwrite=True (--overwrite) to replace them")
     config_json = json.dumps(model.config.to_dict(), indent=2)
     tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(weights_file), metadata={CONFIG_METADATA_KEY: config_json, "format": "pt"})
-    config_file.write_text(config_json + "\n")
+    payload = safetensors_bytes(tensors, metadata={CONFIG_METADATA_KEY: config_json, "format": "pt"})
+    with atomic_write(weights_file) as weights, atomic_write(config_file, "w", encoding="utf-8") as config:
+        weights.write(payload)
+        config.write(config_json + "\n")
+        for handle in (weights, config):  # both on disk here, so neither rename follows a failed write
+            handle.flush()
+            os.fsync(handle.fileno())
     card = directory / "README.md"
     if not card.exists():
-        card.write_text(model_card or _default_card(model))
+        write_text_atomic(card, model_card or _default_card(model))
     return directory
 
 

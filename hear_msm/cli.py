@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -41,17 +42,39 @@ def read_audio_16k_mono(path: Path) -> tuple[np.ndarray, list[str]]:
     return to_16k_mono(data, rate).numpy(), notes
 
 
+def check_output_file(out: Path, overwrite: bool, suffix: str) -> None:
+    """Refuse, before any work, an output path that could not be written at the end."""
+    if out.suffix != suffix:
+        raise ValueError(f"--out must end in {suffix}, got {out}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name ending in {suffix}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_file():
+        raise ValueError(f"--out {out} exists and is not a regular file")
+    folder = out.parent.absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # "/" always exists
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: cannot create its folder, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: no permission to write in {existing}")
+
+
+def _write_failed(path: Path, error: OSError, existed: bool) -> OSError:
+    """A failed atomic write, said in words: what failed, why, and that nothing was damaged."""
+    kept = "the previous file is unchanged" if existed else "nothing was written"
+    return OSError(f"cannot write {path}: {error.strerror or error}; {kept}")
+
+
 def _cmd_embed(args) -> int:
     import torch
     from tqdm import tqdm
 
+    from hear_msm._files import atomic_write
     from hear_msm._hear import load_hear_model
 
     out = Path(args.out)
-    if out.suffix != ".npz":
-        raise ValueError(f"--out must end in .npz, got {out}")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    check_output_file(out, args.overwrite, ".npz")
     files = [Path(f) for f in args.files]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -74,21 +97,32 @@ def _cmd_embed(args) -> int:
         result[f"timestamps_{index:04d}"] = timestamps[0].cpu().numpy()
         scenes.append(embeddings[0].mean(0).cpu().numpy())
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        out, files=np.array([str(f) for f in files]), scene_embeddings=np.stack(scenes),
-        model=np.array(args.model), weights=np.array(model.weights), layout=np.array(args.layout), **result,
-    )
+    existed = out.exists()
+    try:
+        with atomic_write(out) as handle:  # a failed write leaves an existing --out as it was
+            np.savez(
+                handle, files=np.array([str(f) for f in files]), scene_embeddings=np.stack(scenes),
+                model=np.array(args.model), weights=np.array(model.weights), layout=np.array(args.layout), **result,
+            )
+    except OSError as error:
+        raise _write_failed(out, error, existed) from None
     print(f"wrote {out}: {len(files)} file(s), scene embeddings {np.stack(scenes).shape}, "
           f"timestamp embeddings every {model.hop_ms:.0f} ms", file=sys.stderr)
     return 0
 
 
 def _cmd_convert(args) -> int:
-    from hear_msm._weights import EXPORT_DTYPES, instantiate, load_weights, save_pretrained
+    from hear_msm._weights import EXPORT_DTYPES, WEIGHTS_NAME, instantiate, load_weights, save_pretrained
 
     weights = load_weights(args.checkpoint)
     model = instantiate(weights)
-    out = save_pretrained(model, args.out_dir, dtype=EXPORT_DTYPES[args.dtype], overwrite=args.overwrite)
+    existed = (Path(args.out_dir) / WEIGHTS_NAME).exists()
+    try:
+        out = save_pretrained(model, args.out_dir, dtype=EXPORT_DTYPES[args.dtype], overwrite=args.overwrite)
+    except OSError as error:
+        if isinstance(error, FileExistsError):  # our refusal to overwrite, already explained
+            raise
+        raise _write_failed(Path(args.out_dir) / WEIGHTS_NAME, error, existed) from None
     print(f"converted {weights.source} ({model.config.arch}) -> {out}")
     return 0
 
@@ -134,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # OSError: missing or existing files, a full disk, permissions
         print(f"hear-msm {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -27,6 +27,14 @@ from ..ops.selective_scan import KERNELS
 from .encoder import EncoderConfig, MaskedSpectrogramModel, causal_conv1d_stream
 from .registry import register_family, register_model
 
+
+def check_kernel(kernel: str) -> str:
+    """The one check of a kernel value for SSAM: every builder, mixer and `set_kernel` calls it."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} for SSAM (Mamba) models, got {kernel!r}")
+    return kernel
+
+
 @dataclass(frozen=True, kw_only=True)
 class MambaConfig(EncoderConfig):
     d_state: int = 24
@@ -51,10 +59,8 @@ class MambaMixer(nn.Module):
     def __init__(self, config: MambaConfig, kernel: str = "auto"):
         super().__init__()
         dim, inner, rank, n = config.embed_dim, config.d_inner, config.resolved_dt_rank, config.d_state
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.config = config
-        self.kernel = kernel  # runtime choice, not saved
+        self.kernel = check_kernel(kernel)  # runtime choice, not saved
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
         self.conv1d = nn.Conv1d(inner, inner, config.d_conv, groups=inner, padding=config.d_conv - 1)
         self.x_proj = nn.Linear(inner, rank + 2 * n, bias=False)
@@ -161,6 +167,7 @@ class MambaBlock(nn.Module):
 
 
 def build_mamba(config: MambaConfig, kernel: str = "auto") -> MaskedSpectrogramModel:
+    check_kernel(kernel)  # before any block is built
     model = MaskedSpectrogramModel(config, lambda index: MambaBlock(config, kernel))
     model.reset_shared_parameters()
     for block in model.blocks:
@@ -170,8 +177,7 @@ def build_mamba(config: MambaConfig, kernel: str = "auto") -> MaskedSpectrogramM
 
 def set_kernel(model: nn.Module, kernel: str) -> None:
     """Switch every Mamba mixer in `model` to another scan implementation (runtime setting)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    check_kernel(kernel)
     for module in model.modules():
         if isinstance(module, MambaMixer):
             module.kernel = kernel

@@ -82,8 +82,21 @@ class TransformerBlock(nn.Module):
             nn.init.zeros_(norm.bias)
 
 
-def build_transformer(config: TransformerConfig, **runtime_options) -> MaskedSpectrogramModel:
-    """Runtime options (kernel choices) do not apply to attention and are ignored."""
+# attention has one implementation, torch's scaled_dot_product_attention: "reference" names it as
+# well, so that code asking every family for its plain-PyTorch path works on SSAST too
+KERNELS = ("auto", "reference")
+
+
+def check_kernel(kernel: str) -> str:
+    """The one check of a kernel value for SSAST, called by the builder."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} for SSAST (Transformer) models, got {kernel!r}")
+    return kernel
+
+
+def build_transformer(config: TransformerConfig, kernel: str = "auto") -> MaskedSpectrogramModel:
+    """`kernel`: one of KERNELS; both run the same attention."""
+    check_kernel(kernel)
     model = MaskedSpectrogramModel(config, lambda index: TransformerBlock(config))
     model.reset_shared_parameters()
     for block in model.blocks:

@@ -116,6 +116,13 @@ def mlstm_layer_forward(layer: nn.Module, x: torch.Tensor, state: tuple | None =
     return (out, (conv_state, cell_state)) if carry else out
 
 
+def check_kernel(kernel: str) -> str:
+    """The one check of a kernel value for AxLSTM: the builder and `set_mlstm_kernel` call it."""
+    if kernel not in MLSTM_KERNELS:
+        raise ValueError(f"kernel must be one of {MLSTM_KERNELS} for AxLSTM (mLSTM) models, got {kernel!r}")
+    return kernel
+
+
 class ParallelCellBackend:
     """Stands in for `mLSTMCell.backend_fn` (xlstm's `parallel_stabilized_simple`), so that xlstm's
     own layer and cell forward run unchanged around it; `kernel` is a runtime choice, not saved."""
@@ -222,8 +229,7 @@ def set_mlstm_kernel(model: nn.Module, kernel: str) -> None:
         but our exp and sum order (~1e-7 relative per cell, up to ~2e-5 on a whole model);
     "reference": always xlstm's PyTorch form.
     """
-    if kernel not in MLSTM_KERNELS:
-        raise ValueError(f"kernel must be one of {MLSTM_KERNELS}, got {kernel!r}")
+    check_kernel(kernel)
     for module in model.modules():
         if isinstance(module, XLSTMBlock):
             module.layer.mlstm_cell.backend_fn.kernel = kernel
@@ -233,7 +239,8 @@ def set_mlstm_kernel(model: nn.Module, kernel: str) -> None:
 
 def build_xlstm(config: XLSTMConfig, kernel: str = "auto") -> MaskedSpectrogramModel:
     """The mLSTM layers initialise themselves (xlstm's small-init / Wang init). `kernel` as in
-    `set_mlstm_kernel`; "cuda" (meant for SSAM's scan) means xlstm's PyTorch form here."""
+    `set_mlstm_kernel` (one of MLSTM_KERNELS; there is no CUDA mLSTM kernel here, so "cuda" is refused)."""
+    check_kernel(kernel)  # before any block is built
     model = MaskedSpectrogramModel(config, lambda index: XLSTMBlock(config, reverse=index % 2 == 1, kernel=kernel))
     model.reset_shared_parameters()
     return model
