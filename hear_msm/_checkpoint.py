@@ -7,8 +7,9 @@ training ``checkpoint.pt``. :func:`load_torch_file` reads them all, and does not
 than its zip entry holds hands out memory past the entry) and hash whatever dictionary keys the
 pickle builds (a deeply nested tuple key overflows the C stack). Instead:
 
-* the zip container must be what ``torch.save`` writes: one ``data.pkl``, entries stored
-  uncompressed, their sizes adding up to no more than the file, little-endian data;
+* the zip container must be what ``torch.save`` writes: one ``data.pkl`` (at most
+  :data:`MAX_PICKLE_BYTES`), entries stored uncompressed, their sizes adding up to no more than
+  the file, little-endian data;
 * ``data.pkl`` runs through a restricted pure-Python unpickler: globals come from an allow-list
   (tensor rebuilders, ``OrderedDict``, ``set``, dtypes, ...); calling, constructing and filling
   objects is allowed only for those types; dictionary keys and set elements must be scalars or
@@ -670,9 +671,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             raise _Refused(f"persistent id {_describe(pid)} is not a torch storage reference")
         _, storage_type, key, location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise _Refused(
-                f"storage type {_describe(storage_type)} is not accepted; accepted: {', '.join(_STORAGE_TYPES)}"
-            )
+            raise _Refused(f"storage type {_describe(storage_type)} is not accepted; accepted: {', '.join(_STORAGE_TYPES)}")
         if type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
             raise _Refused(f"storage reference ({_describe(key)}, {_describe(location)}, {_describe(numel)}) "
                            "is not (key, device, element count)")
@@ -691,6 +690,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
             return _STORAGE_TYPES[name]
         if module == "torch" and name in _DTYPES:
             return _DTYPES[name]  # dtypes pickle as globals, e.g. torch.float16
+        if module.split(".")[0] == "torch" and name.endswith("Storage"):
+            raise _Refused(f"storage type {_shorten(f'{module}.{name}', 120)} is not accepted; accepted: "
+                           f"{', '.join(_STORAGE_TYPES)}")
         if (module, name) in _RECORD_GLOBALS or module.split(".")[0] in _RECORD_MODULES:
             return self._record_class(module, name)
         raise _RefusedGlobal(_shorten(f"{module}.{name}", 120))
