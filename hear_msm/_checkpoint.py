@@ -294,17 +294,16 @@ def _check_layout(path: Path, archive: zipfile.ZipFile) -> str:
     if not pickles:
         raise ValueError(f"{path} is a zip file but not a PyTorch checkpoint (it has no data.pkl record)")
     if len(pickles) > 1 or len(set(names)) != len(names):
-        raise ValueError(
-            f"refusing to load {path}: its zip archive holds {'several data.pkl records' if len(pickles) > 1 else 'two entries of the same name'}, "
-            "which torch.save never writes"
-        )
+        what = "several data.pkl records" if len(pickles) > 1 else "two entries of the same name"
+        raise ValueError(f"refusing to load {path}: its zip archive holds {what}, which torch.save never writes")
     compressed = [info.filename for info in infos if info.compress_type != zipfile.ZIP_STORED]
     if compressed:
         raise ValueError(
             f"refusing to load {path}: zip entry {_shorten(compressed[0])} is compressed; torch.save stores "
             "every entry uncompressed"
         )
-    # Entries may not overlap or reach past the end: no byte of the file is read twice.
+    # Crafted entries could overlap and so be read many times over; bounding their total by the file
+    # size bounds everything this reader reads (and allocates for records) by the file size.
     declared, actual = sum(info.file_size for info in infos), path.stat().st_size
     if declared > actual:
         raise ValueError(
@@ -312,11 +311,11 @@ def _check_layout(path: Path, archive: zipfile.ZipFile) -> str:
             f"{actual} bytes of the file (truncated or crafted)"
         )
     prefix = pickles[0][: -len("data.pkl")]
-    byteorder = archive.getinfo(prefix + "byteorder") if prefix + "byteorder" in names else None
-    if byteorder is not None and (byteorder.file_size > 16 or archive.read(byteorder) != b"little"):
+    byteorder = archive.read(prefix + "byteorder")[:16] if prefix + "byteorder" in names else b"little"
+    if byteorder != b"little":
         raise ValueError(
-            f"refusing to load {path}: its tensors are stored big-endian (record {byteorder.filename}); "
-            "only little-endian checkpoints are read"
+            f"refusing to load {path}: its {prefix}byteorder record says {byteorder!r}; only little-endian "
+            "checkpoints are read"
         )
     return prefix
 
@@ -379,7 +378,8 @@ def _tensor_on(storage: Any, offset: Any, size: Any, stride: Any) -> torch.Tenso
     if len(size) != len(stride):
         raise _Refused(f"storage record {storage.name}: a tensor has size {list(size)} but stride {list(stride)}")
     if type(offset) is not int or not 0 <= offset < _MAX_INDEX:
-        raise _Refused(f"storage record {storage.name}: tensor offset {_describe(offset)} is not a non-negative integer")
+        raise _Refused(f"storage record {storage.name}: tensor offset {_describe(offset)} is not a non-negative "
+                       "integer")
     available = storage.data.numel()
     numel = math.prod(size)
     if numel:

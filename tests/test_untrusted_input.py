@@ -155,8 +155,8 @@ def test_views_inside_a_shared_record_load_as_saved(tmp_path):
     loaded = load_torch_file(path)
     assert torch.equal(loaded["a"], torch.tensor([[2.0, 3.0], [3.0, 4.0]]))
     assert loaded["a"].stride() == (1, 1) and loaded["empty"].shape == (0,)
-    loaded["b"][0] = 9.0  # one record, one memory, as torch.load gives
-    assert loaded["a"].untyped_storage().data_ptr() == loaded["b"].untyped_storage().data_ptr()
+    loaded["b"][1] = 9.0  # one record, one memory, as torch.load gives
+    assert loaded["a"][0, 0] == 9.0
 
 
 @pytest.mark.parametrize("storage_type, match", [
@@ -204,7 +204,7 @@ def test_compressed_overlapping_or_big_endian_archives(tmp_path):
         archive.writestr("archive/data.pkl", body)
         archive.writestr("archive/byteorder", "big")
         archive.writestr("archive/data/0", FOUR_FLOATS)
-    refused(big, "big-endian")
+    refused(big, "only little-endian")
     # a central directory whose entry sizes add up to more than the file (overlapping entries)
     data = bytearray(crafted(tmp_path, {"w": Tensor(Storage())}, name="sizes.pth").read_bytes())
     at = data.rfind(b"PK\x01\x02")  # the last central directory header
