@@ -48,6 +48,14 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
     """
     from .models.registry import model_builder
 
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string: one of {list_models()}, or '<arch>.<tag>' for registered "
+                         f"weights; got {type(name).__name__} {name!r:.60}")
+    if not (type(pretrained) is bool or isinstance(pretrained, (str, os.PathLike))):
+        from ._weights import ACCEPTED
+
+        raise ValueError(f"pretrained must be False (random initialisation), True (the default weights) or a weight "
+                         f"source; got {type(pretrained).__name__} {pretrained!r:.60}. {ACCEPTED}")
     arch, _, tag = name.partition(".")
     if tag:
         if pretrained not in (False, True, ""):

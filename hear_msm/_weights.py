@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -35,6 +36,8 @@ ACCEPTED = (
     '"hf://org/repo[@revision]", a folder or .safetensors file in hear_msm format '
     "(config.json + model.safetensors), or an official run folder / .pth checkpoint"
 )
+# a config.json of our format is a few hundred bytes
+MAX_CONFIG_BYTES = 1 << 20
 # the authors' architecture names -> ours
 _OFFICIAL_ARCH_PREFIXES = {"mamba_ssast_": "ssam_", "xlstm_ssast_": "axlstm_", "ssast_": "ssast_"}
 
@@ -99,27 +102,57 @@ def _resolve_tag(arch: str, tag: str) -> LoadedWeights:
 
 # ------------------------------------------------------------------------------------ formats
 def _load_ours(path: Path, source: str) -> LoadedWeights:
-    """A folder with config.json + model.safetensors, or a .safetensors file (config beside or inside)."""
+    """A folder with config.json + model.safetensors, or a .safetensors file (config beside or inside).
+
+    The config is read and validated first, so a bad one is refused before the weights are read.
+    """
     weights_file = path / WEIGHTS_NAME if path.is_dir() else path
     if not weights_file.is_file():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} found; {ACCEPTED}")
     config_file = weights_file.with_name(CONFIG_NAME)
-    state_dict = load_file(str(weights_file))
-    if config_file.is_file():
-        config_dict = json.loads(config_file.read_text())
-    else:
-        from safetensors import safe_open
+    config = _read_config_file(config_file) if config_file.is_file() else _embedded_config(weights_file)
+    try:
+        state_dict = load_file(str(weights_file))
+    except SafetensorError as error:
+        raise ValueError(f"{weights_file}: not a readable safetensors file (truncated or corrupt?): {error}") from None
+    return LoadedWeights(config, state_dict, source)
 
+
+def _read_config_file(config_file: Path) -> EncoderConfig:
+    size = config_file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{config_file}: {size} bytes is not a hear_msm config (at most {MAX_CONFIG_BYTES} bytes)")
+    try:
+        text = config_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{config_file}: not UTF-8 text ({error})") from None
+    return _parse_config(text, str(config_file))
+
+
+def _embedded_config(weights_file: Path) -> EncoderConfig:
+    """The copy of config.json that `save_pretrained` puts in the safetensors metadata."""
+    try:
         with safe_open(str(weights_file), "pt") as handle:
             embedded = (handle.metadata() or {}).get(CONFIG_METADATA_KEY)
-        if embedded is None:
-            raise FileNotFoundError(f"{weights_file}: no {CONFIG_NAME} beside it and no config in its metadata")
-        config_dict = json.loads(embedded)
+    except SafetensorError as error:
+        raise ValueError(f"{weights_file}: not a readable safetensors file (truncated or corrupt?): {error}") from None
+    if embedded is None:
+        raise FileNotFoundError(f"{weights_file}: no {CONFIG_NAME} beside it and no config in its metadata")
+    return _parse_config(embedded, f"{weights_file} (the config in its metadata)")
+
+
+def _parse_config(text: str, where: str) -> EncoderConfig:
+    """JSON text -> a validated config; ValueError naming `where` and the field at fault."""
     try:
-        config = config_from_dict(config_dict)
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to be a hear_msm config") from None
+    try:
+        return config_from_dict(data)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{config_file if config_file.is_file() else weights_file}: invalid config: {error}") from None
-    return LoadedWeights(config, state_dict, source)
+        raise ValueError(f"{where}: invalid config: {error}") from None
 
 
 def _load_official(path: Path, requested_arch: str | None) -> LoadedWeights:
@@ -153,9 +186,14 @@ def _registered_sha256(repo_id: str, revision: str | None) -> str | None:
     return None
 
 
-def load_weights(source: str | os.PathLike | None, arch: str | None = None) -> LoadedWeights:
+def load_weights(source: str | os.PathLike, arch: str | None = None) -> LoadedWeights:
     """Resolve any accepted source (see module docstring) to a config and a state dict."""
-    source = "" if source is None else os.fspath(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"a weight source must be a string or a path, got {type(source).__name__} {source!r:.60}; "
+                         + ACCEPTED)
+    source = os.fspath(source)
+    if not isinstance(source, str):  # a PathLike of bytes
+        raise ValueError(f"a weight source must be a string or a path, got bytes {source!r:.60}; " + ACCEPTED)
     if source == "":
         if arch is None:
             raise ValueError("an architecture name is needed to pick default weights; " + ACCEPTED)
@@ -210,33 +248,75 @@ def infer_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _describe(arch: str) -> str:
-    config = _preset_config(arch)
-    return f"{arch} (family {config.family}, embed_dim {config.embed_dim}, depth {config.depth})"
+def _describe(config: EncoderConfig) -> str:
+    return f"{config.arch} (family {config.family}, embed_dim {config.embed_dim}, depth {config.depth})"
+
+
+def _check_fits(model: MaskedSpectrogramModel, weights: LoadedWeights) -> None:
+    """Same keys and shapes (`model` may live on the meta device); the error names the architecture
+    the weights are really for."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.state_dict.items()}
+    if expected == found:
+        return
+    actual = infer_arch(weights.state_dict)
+    if actual is not None and actual != model.config.arch:
+        raise ValueError(
+            f"{weights.source}: these weights are for {_describe(_preset_config(actual))}, "
+            f"but the model is {_describe(model.config)}"
+        )
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    details = [f"missing keys {missing[:5]}" if missing else "", f"unexpected keys {unexpected[:5]}" if unexpected else "",
+               "shape mismatches " + ", ".join(f"{k}: {found[k]} vs {expected[k]}" for k in wrong[:5]) if wrong else ""]
+    raise ValueError(f"{weights.source}: weights do not fit {model.config.arch}: " + "; ".join(d for d in details if d))
+
+
+def _converted_values(model: MaskedSpectrogramModel, weights: LoadedWeights) -> dict[str, torch.Tensor]:
+    """The weights in the model's dtype, after refusing integer tensors for floating-point parameters
+    and any NaN or infinity (before or after the conversion): either would make every embedding NaN
+    or garbage without an error."""
+    expected = model.state_dict()
+    wrong = [f"{k} ({v.dtype})" for k, v in weights.state_dict.items()
+             if (v.dtype != expected[k].dtype and not (v.is_floating_point() and expected[k].is_floating_point()))]
+    if wrong:
+        raise ValueError(
+            f"{weights.source}: weights of the wrong dtype: {', '.join(wrong[:5])}"
+            f"{f' and {len(wrong) - 5} more' if len(wrong) > 5 else ''}; floating-point parameters accept "
+            "float16, bfloat16, float32 or float64 tensors"
+        )
+    converted = {k: v.to(expected[k].dtype) for k, v in weights.state_dict.items()}
+    bad = [k for k, v in converted.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"{weights.source}: {len(bad)} weight tensor(s) hold NaN or infinite values "
+            f"(in {expected[bad[0]].dtype}), e.g. {bad[:5]}; refusing to load them"
+        )
+    return converted
 
 
 def load_state_strict(model: MaskedSpectrogramModel, weights: LoadedWeights) -> None:
-    """Strict load with an error that names the architecture the weights are really for."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in weights.state_dict.items()}
-    if expected != found:
-        actual = infer_arch(weights.state_dict)
-        if actual is not None and actual != model.config.arch:
-            raise ValueError(
-                f"{weights.source}: these weights are for {_describe(actual)}, "
-                f"but the model is {_describe(model.config.arch)}"
-            )
-        missing = sorted(set(expected) - set(found))
-        unexpected = sorted(set(found) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        details = [f"missing keys {missing[:5]}" if missing else "", f"unexpected keys {unexpected[:5]}" if unexpected else "",
-                   "shape mismatches " + ", ".join(f"{k}: {found[k]} vs {expected[k]}" for k in wrong[:5]) if wrong else ""]
-        raise ValueError(f"{weights.source}: weights do not fit {model.config.arch}: " + "; ".join(d for d in details if d))
-    dtype = next(model.parameters()).dtype
-    model.load_state_dict({k: v.to(dtype) for k, v in weights.state_dict.items()}, strict=True)
+    """Strict load: keys, shapes, dtypes and finite values are checked first (ValueError naming the source)."""
+    _check_fits(model, weights)
+    model.load_state_dict(_converted_values(model, weights), strict=True)
 
 
 def instantiate(weights: LoadedWeights, kernel: str = "auto") -> MaskedSpectrogramModel:
+    """Build the model `weights.config` describes and load the weights into it.
+
+    The config is first built on the meta device (no memory) and checked against the weights, so a
+    config.json that asks for a model larger than its weights is refused before anything is allocated.
+    """
+    with torch.device("meta"):
+        try:
+            skeleton = build_from_config(weights.config, kernel=kernel)
+        except ValueError as error:
+            raise ValueError(f"{weights.source}: {error}") from None
+        except (TypeError, AssertionError, RuntimeError) as error:
+            raise ValueError(f"{weights.source}: hear_msm cannot build a model from this config "
+                             f"({type(error).__name__}: {error})") from None
+    _check_fits(skeleton, weights)
     model = build_from_config(weights.config, kernel=kernel)
     load_state_strict(model, weights)
     model.weights_source = weights.source

@@ -16,6 +16,10 @@ authors' checkpoints exactly, so their `.pth` files load strictly.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
+import typing
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +30,29 @@ from torch import nn
 CONFIG_FORMAT_VERSION = 1
 TOKEN_ORDERS = ("time_major", "freq_major")
 POSITION_KINDS = ("sincos", "learned")
+
+# Accepted range (inclusive) of every numeric config field, whatever family declares it; checked
+# before a model is built, so that an untrusted config.json cannot ask for an absurd model. The
+# presets (embed_dim <= 768, depth 12, 200 x 80 inputs) and the SSAMBA / MW-MAE shapes (depth 24,
+# 1024 x 128 inputs, 16 x 16 patches) sit well inside.
+FIELD_BOUNDS: dict[str, tuple[float, float]] = {
+    # the shared shell
+    "embed_dim": (4, 2048), "depth": (1, 48), "num_frames": (1, 65536), "num_mels": (1, 512),
+    "patch_frames": (1, 64), "patch_mels": (1, 128), "norm_eps": (1e-12, 0.1),
+    # transformer (num_heads also xlstm)
+    "num_heads": (1, 64), "mlp_ratio": (0.25, 16.0),
+    # mamba
+    "d_state": (1, 256), "d_conv": (1, 16), "expand": (1, 8), "dt_rank": (0, 2048),
+    # xlstm
+    "expansion": (1, 8), "qkv_blocksize": (1, 256), "conv_kernel": (1, 16), "block_norm_eps": (1e-12, 0.1),
+    # ssamba (Vim's unused classification head)
+    "head_classes": (0, 100_000),
+}
+# Tokens per input: enough for SSAMBA's 22.5k-token speed benchmark; a position table of that many
+# rows stays in the megabytes (the mLSTM's tokens x tokens mask has its own, lower bound).
+MAX_PATCHES = 24576
+_ARCH_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_TYPE_NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +78,17 @@ class EncoderConfig:
     family = "base"  # class attribute, not a field: each family subclass sets it
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field against its declared type and FIELD_BOUNDS, then the patch grid.
+
+        Runs on construction, so no model is ever built from a config that fails it. Raises
+        ValueError naming the field, the value and what is accepted.
+        """
+        hints = _field_types(type(self))
+        for spec in dataclasses.fields(self):
+            _check_field(spec.name, getattr(self, spec.name), hints[spec.name])
         for name, accepted in (("token_order", TOKEN_ORDERS), ("positions", POSITION_KINDS)):
             if getattr(self, name) not in accepted:
                 raise ValueError(f"{self.arch}: {name} must be one of {accepted}, got {getattr(self, name)!r}")
@@ -60,6 +98,11 @@ class EncoderConfig:
             raise ValueError(
                 f"{self.arch}: input {self.num_frames}x{self.num_mels} is not divisible into "
                 f"{self.patch_frames}x{self.patch_mels} patches"
+            )
+        if self.num_patches > MAX_PATCHES:
+            raise ValueError(
+                f"{self.arch}: {self.num_frames}x{self.num_mels} inputs in {self.patch_frames}x{self.patch_mels} "
+                f"patches make {self.num_patches} tokens; at most {MAX_PATCHES} are accepted"
             )
 
     @property
@@ -87,26 +130,66 @@ class EncoderConfig:
         return {"format_version": CONFIG_FORMAT_VERSION, "family": self.family, **dataclasses.asdict(self)}
 
 
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return (text if len(text) <= 60 else text[:57] + "...") + f" ({type(value).__name__})"
+
+
+def _check_field(name: str, value: object, kind: type) -> None:
+    if kind is int or kind is bool:
+        valid = type(value) is kind  # JSON 192.0 or true is not an integer here
+    elif kind is float:
+        valid = type(value) in (int, float) and math.isfinite(value)
+    elif kind is str:
+        valid = type(value) is str and (name != "arch" or _ARCH_NAME.fullmatch(value) is not None)
+    else:
+        raise TypeError(f"config field {name!r} has type {kind}, which EncoderConfig.validate cannot check")
+    if not valid:
+        accepted = "up to 64 letters, digits, '_', '.' or '-'" if name == "arch" else _TYPE_NAMES[kind]
+        raise ValueError(f"config field {name!r} must be {accepted}, got {_shown(value)}")
+    low, high = FIELD_BOUNDS.get(name, (-math.inf, math.inf))
+    if kind in (int, float) and not low <= value <= high:
+        raise ValueError(
+            f"config field {name!r} = {value!r} is outside the accepted range [{low}, {high}] (every field "
+            "is bounded, so that a config cannot ask for an absurd or gigabyte-sized model)"
+        )
+
+
 def config_from_dict(data: dict) -> EncoderConfig:
-    """Inverse of `EncoderConfig.to_dict`, strict about version, family and field names."""
+    """Inverse of `EncoderConfig.to_dict`, strict about version, family, field names and values.
+
+    Raises ValueError (naming the field) for anything `EncoderConfig.validate` refuses.
+    """
     from .registry import config_classes  # the families register their config classes
 
+    if not isinstance(data, dict):
+        raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
     data = dict(data)
     version = data.pop("format_version", None)
-    if version != CONFIG_FORMAT_VERSION:
+    if type(version) is not int or version != CONFIG_FORMAT_VERSION:
         raise ValueError(
-            f"config format_version {version!r} is not supported (this hear_msm reads version "
+            f"config format_version {_shown(version)} is not supported (this hear_msm reads version "
             f"{CONFIG_FORMAT_VERSION}); upgrade hear_msm or re-export the weights"
         )
     family = data.pop("family", None)
     classes = config_classes()
-    if family not in classes:
-        raise ValueError(f"config family {family!r} is unknown; expected one of {sorted(classes)}")
+    if type(family) is not str or family not in classes:
+        raise ValueError(f"config family {_shown(family)} is unknown; expected one of {sorted(classes)}")
     cls = classes[family]
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"config for family {family!r} has unknown fields {unknown}; accepted: {sorted(names)}")
+        raise ValueError(f"config for family {family!r} has unknown fields {unknown[:10]}; accepted: {sorted(names)}")
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ValueError(f"config for family {family!r} lacks the fields {missing}")
     # JSON turns tuples into lists; none of our fields are sequences, so values pass through
     return cls(**data)
 

@@ -55,6 +55,9 @@ from .encoder import EncoderConfig, MaskedSpectrogramModel, causal_conv1d_stream
 from .registry import register_family, register_model
 
 
+MAX_MLSTM_PATCHES = 4096
+
+
 @dataclass(frozen=True, kw_only=True)
 class XLSTMConfig(EncoderConfig):
     expansion: int = 2
@@ -64,6 +67,13 @@ class XLSTMConfig(EncoderConfig):
     block_norm_eps: float = 1e-5
 
     family = "xlstm"
+
+    def validate(self) -> None:
+        super().validate()
+        # xlstm's mLSTM layer allocates a (1 + tokens)^2 causal mask when it is built
+        if self.num_patches > MAX_MLSTM_PATCHES:
+            raise ValueError(f"{self.arch}: {self.num_patches} tokens per input; the mLSTM's parallel form "
+                             f"accepts at most {MAX_MLSTM_PATCHES} (longer audio: sequence='full')")
 
 
 class ResidualGainLayerNorm(nn.Module):
