@@ -17,6 +17,11 @@ in OUT:
 
 Finished steps are detected and skipped, so an interrupted run resumes where it stopped and a
 rerun of a finished run recomputes nothing. Seeds are 42, 43, ...: seed 42 is stock heareval.
+Before any task starts, every model with embeddings to compute is loaded once here with its
+weights, so an unknown model or a weight source that does not resolve or fit fails at once.
+OUT/embeddings/<model>/model.json pins the weights of finished embeddings; what a failed run left
+unfinished does not block a rerun with corrected --weights. Tables and records are written
+atomically (`hear_msm._files.atomic_write`).
 
 Models: a hear_msm architecture name (`ssam_tiny` -> module hear_msm.ssam_tiny, default
 weights unless --weights names others) or any importable HEAR module (`hearbaseline.torchcrepe`).

@@ -59,14 +59,36 @@ def read_marker(folder: Path) -> dict | None:
     return marker
 
 
-def check(folder: str | os.PathLike, resume: bool) -> None:
+def _in_use(folder: Path, fd: int) -> RunFolderInUse:
+    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+    return RunFolderInUse(f"{folder} is in use by another run (process {holder}); wait for it to end or stop it, "
+                          "or choose another --out")
+
+
+def _probe_lock(folder: Path) -> None:
+    """RunFolderInUse if a live process holds the folder's lock; takes nothing, creates nothing."""
+    if fcntl is None or not (folder / LOCK).is_file():
+        return
+    fd = os.open(folder / LOCK, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock conflicts only with a holder's exclusive one
+    except BlockingIOError:
+        raise _in_use(folder, fd) from None
+    finally:
+        os.close(fd)  # also drops the shared lock
+
+
+def check(folder: str | os.PathLike, resume: bool, probe_lock: bool = True) -> None:
     """Refuse a folder that a run may not write to; writes nothing.
 
-    New run: the folder must not exist, be empty, or be marked. Resume: it must be marked.
+    New run: the folder must not exist, be empty, or be marked. Resume: it must be marked. Either
+    way no live run may hold it (`probe_lock`).
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"--out {folder} is a file, not a run folder")
+    if probe_lock and folder.is_dir():
+        _probe_lock(folder)
     if resume:
         if not folder.is_dir():
             raise FileNotFoundError(f"no run to resume: {folder} does not exist")
@@ -92,6 +114,10 @@ class RunFolder:
     def marker(self) -> dict:
         return read_marker(self.path)
 
+    def start_new_run(self) -> None:
+        """A new run in this folder (the previous one stopped before its first checkpoint): a fresh marker."""
+        _write_marker(self.path)
+
     def record_resume(self, step: int, changed: dict[str, tuple]) -> None:
         """Append a resume (step, time, settings changed as [old, new]) to the marker's history."""
         marker = self.marker
@@ -106,6 +132,14 @@ class RunFolder:
             self._lock_fd = None
 
 
+def _write_marker(folder: Path) -> None:
+    from . import __version__
+
+    marker = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "hear_msm": __version__}
+    write_text_atomic(folder / MARKER, json.dumps(marker, indent=2) + "\n")
+
+
 def _lock(folder: Path) -> int | None:
     """Take the folder's lock without waiting; RunFolderInUse names the holder's pid."""
     if fcntl is None:
@@ -114,10 +148,9 @@ def _lock(folder: Path) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        error = _in_use(folder, fd)
         os.close(fd)
-        raise RunFolderInUse(f"{folder} is in use by another run (process {holder}); wait for it to end or stop it, "
-                             "or choose another --out") from None
+        raise error from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     return fd
@@ -135,13 +168,9 @@ def claim(folder: str | os.PathLike, resume: bool) -> Iterator[RunFolder]:
     folder.mkdir(parents=True, exist_ok=True)
     run = RunFolder(folder, _lock(folder))
     try:
-        check(folder, resume)  # again under the lock: another process may have written meanwhile
+        check(folder, resume, probe_lock=False)  # again under the lock: another process may have written meanwhile
         if read_marker(folder) is None:
-            from . import __version__
-
-            marker = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "hear_msm": __version__}
-            write_text_atomic(folder / MARKER, json.dumps(marker, indent=2) + "\n")
+            _write_marker(folder)
         for sub in [folder, *(entry for entry in folder.iterdir() if entry.is_dir())]:
             remove_stale_temporaries(sub)
         yield run

@@ -14,11 +14,21 @@ lr = base_lr * batch / 256, linear warm-up then cosine decay; fp16 autocast + Gr
 
 DDP is detected from the torchrun environment (WORLD_SIZE > 1): nccl on GPU, gloo on CPU; each
 rank reads its own shards (`_data.EpochSampler`); only rank 0 logs and writes. A run folder holds
-`train_config.json`, `checkpoint.pt` (replaced atomically every `checkpoint_every` steps and at the
-end: model, optimizer, scheduler, scaler, step, RNG states, sampler position), `log.csv` and, when
-finished, `final/` (config.json + model.safetensors, loadable with `hear_msm.load_model`).
+`.hear_msm_run.json` (the marker: `--out` must be new, empty or marked; see `_run_folder`),
+`.hear_msm_run.lock` (held by the running process), `train_config.json`, `checkpoint.pt` (every
+`checkpoint_every` steps and at the end: model, optimizer, scheduler, scaler, step, RNG states,
+sampler position), `log.csv` and, when finished, `final/` (config.json + model.safetensors,
+loadable with `hear_msm.load_model`). Every file is replaced atomically (`_files.atomic_write`).
 Every random draw (init, crops, order, masks) is a function of (seed, step, rank), so a resumed run
 ends with the same weights as an uninterrupted one on a deterministic device.
+
+All arguments are checked before training starts (`TrainConfig.__post_init__`, `schedule_steps`):
+steps, epochs and batch positive, warm-up non-negative and shorter than the run, min_lr at most
+the peak lr, model overrides fields of the architecture's config. A NaN/Inf loss, or non-finite
+weights when a checkpoint is due, stops the run with the last (finite) checkpoint untouched and a
+`--resume` command to continue it; a resume may change the schedule (`ADJUSTABLE_FIELDS`: lr,
+min_lr, warm-up, clipping, precision) and execution settings, nothing else, and each change is
+logged, recorded in the marker and named in the model card.
 """
 from __future__ import annotations
 
@@ -160,25 +170,32 @@ def _check_numbers(config: TrainConfig) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _architecture_fields(model: str) -> tuple[str, ...]:
+def _preset_fields(model: str) -> dict[str, object]:
+    """{field: preset value} of an architecture's config, but `arch` (built on the meta device: no memory)."""
     from ._registry import model_builder
 
     with torch.device("meta"):
         config = model_builder(model)().config  # ValueError naming the known models
-    return tuple(f.name for f in dataclasses.fields(config) if f.name != "arch")
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "arch"}
 
 
 def _check_architecture(model: str, overrides: dict) -> None:
-    """`model` is registered and `overrides` are fields of its config (values are checked by the builder)."""
+    """`model` is registered and `overrides` are fields of its config with values of the field's type
+    (ranges are the config's to check when the model is built)."""
     if not isinstance(model, str):
         raise ValueError(f"model must be an architecture name, got {model!r}")
-    accepted = _architecture_fields(model)
+    preset = _preset_fields(model)
     if not isinstance(overrides, dict):
         raise ValueError(f"model_overrides must be a dict of {model} config fields, got {overrides!r}")
-    unknown = sorted(set(overrides) - set(accepted))
+    unknown = sorted(set(overrides) - set(preset))
     if unknown:
         raise ValueError(f"--override {', '.join(unknown)}: not a field of {model}'s config; accepted: "
-                         f"{', '.join(accepted)}")
+                         f"{', '.join(preset)}")
+    for name, value in overrides.items():
+        kinds = (int, float) if isinstance(preset[name], float) else type(preset[name])
+        if isinstance(value, bool) is not isinstance(preset[name], bool) or not isinstance(value, kinds):
+            kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(preset[name]), "a string")
+            raise ValueError(f"--override {name}={value!r}: {model}'s {name} is {kind} (preset {preset[name]!r})")
 
 
 def _check_warmup(warmup: int, total: int, derived: str = "") -> None:
@@ -379,8 +396,10 @@ def read_run_checkpoint(path: Path) -> dict:
     missing = [key for key in _CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(_CHECKPOINT_KEYS)
     if missing:
         raise ValueError(f"{path} is not a hear-msm pretrain checkpoint: it has no {', '.join(missing)}")
-    if not isinstance(state["step"], int) or not isinstance(state["config"], dict):
-        raise ValueError(f"{path} is not a hear-msm pretrain checkpoint: step or config has the wrong type")
+    if not isinstance(state["step"], int) or state["step"] < 0 or not isinstance(state["config"], dict):
+        raise ValueError(f"{path} is not a hear-msm pretrain checkpoint: its step or config is invalid")
+    if not all(isinstance(state.get(key, 0.0), (int, float)) for key in ("loss", "elapsed_s")):
+        raise ValueError(f"{path} is not a hear-msm pretrain checkpoint: loss or elapsed_s is not a number")
     try:
         TrainConfig.from_dict(state["config"])
     except (TypeError, ValueError) as error:
@@ -523,6 +542,8 @@ def _train(config: TrainConfig, out: Path, resume: bool, info: _Dist, device: to
         _start_log(out / LOG_NAME, start_step if resume else None)
         if resume:
             folder.record_resume(start_step, changes)
+        else:
+            folder.start_new_run()  # no resume history of an earlier run that never checkpointed
         _log(source.describe())
         _log(f"{config.model} on {device} x{info.world_size} ({precision}); batch {config.batch_size} "
              f"({local_batch}/rank), {steps_per_epoch} steps/epoch, {total} steps ({total / steps_per_epoch:.2f} "

@@ -85,13 +85,17 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     return process
 
 
-def test_second_run_on_a_locked_folder_is_refused_and_a_dead_holder_is_taken_over(audio_dir, tmp_path):
+def test_second_run_on_a_locked_folder_is_refused_and_a_dead_holder_is_taken_over(audio_dir, tmp_path, capsys):
+    from hear_msm.cli import main
+
     folder = tmp_path / "run"
     holder = _hold_lock(folder)
     try:
         with pytest.raises(_run_folder.RunFolderInUse, match=rf"{folder} is in use by another run "
                                                              rf"\(process {holder.pid}\)"):
             training.train(_config(audio_dir), folder)
+        assert main(["pretrain", "--out", str(folder), "--resume"]) == 2  # before it reads any checkpoint
+        assert f"is in use by another run (process {holder.pid})" in capsys.readouterr().err
         assert not (folder / training.LOG_NAME).exists()
     finally:
         holder.kill()  # SIGKILL: the process cannot clean up; the OS drops its lock
