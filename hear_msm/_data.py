@@ -338,7 +338,8 @@ def _check_shard_settings(folder: Path, kind: str, clips_per_shard: int, min_sec
             raise ValueError(f"segment_seconds {segment_seconds:g} is shorter than min_seconds {min_seconds:g}: "
                              "every clip would be dropped")
     if folder.is_file():
-        raise ValueError(f"{folder} is a file; prepare-shards reads a folder of audio files: put it in a folder of its own")
+        raise ValueError(f"{folder} is a file; prepare-shards reads a folder of audio files: "
+                         "put it in a folder of its own")
 
 
 def _clips(files: Iterable[Path], root: Path, min_seconds: float, segment_seconds: float | None,

@@ -393,7 +393,7 @@ def read_run_checkpoint(path: Path) -> dict:
         raise ValueError(f"{path} is not a readable hear-msm pretrain checkpoint ({detail}); it is damaged or was "
                          "written by another program. Restore it from a copy, or start a new run in another --out"
                          ) from None
-    missing = [key for key in _CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(_CHECKPOINT_KEYS)
+    missing = [key for key in _CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise ValueError(f"{path} is not a hear-msm pretrain checkpoint: it has no {', '.join(missing)}")
     if not isinstance(state["step"], int) or state["step"] < 0 or not isinstance(state["config"], dict):
@@ -549,7 +549,8 @@ def _train(config: TrainConfig, out: Path, resume: bool, info: _Dist, device: to
              f"({local_batch}/rank), {steps_per_epoch} steps/epoch, {total} steps ({total / steps_per_epoch:.2f} "
              f"epochs), warm-up {warmup}, lr {config.lr:.3g}" + (f"; resuming at step {start_step}" if resume else ""))
         if changes:
-            _log("changed on resume: " + ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()))
+            _log("changed on resume: " + ", ".join(f"{name} {old!r} -> {new!r}"
+                                                   for name, (old, new) in changes.items()))
 
     last_checkpoint = start_step if resume else None
 
@@ -828,7 +829,8 @@ def register_commands(subparsers) -> None:
     defaults = TrainConfig()
     helps = {
         "batch_size": "global batch (split over ranks)", "steps": "optimizer steps (wins over --epochs)",
-        "epochs": "epochs over the data", "warmup_steps": "warm-up steps (wins over --warmup-epochs; fewer than the run's)",
+        "epochs": "epochs over the data",
+        "warmup_steps": "warm-up steps (wins over --warmup-epochs; fewer than the run's)",
         "min_lr": "end of the cosine decay (at most the peak lr)",
         "base_lr": "lr = base_lr * batch / 256", "mask_mode": "unstructured | timestep",
         "precision": "auto (fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16", "device": "auto | cpu | cuda[:i]",

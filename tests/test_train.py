@@ -365,7 +365,8 @@ def test_cli_refuses_bad_schedule_and_data_before_writing(audio_dir, tmp_path, c
              (["--steps", "4", "--device", "bogus"], "device must be auto, cpu or cuda[:index], got 'bogus'"),
              (["--steps", "4", "--data", str(audio_dir / "clip00.wav")],
               "is a single audio file; pretraining draws batches"),
-             (["--steps", "4", "--override", "embed_dim=abc"], "--override embed_dim='abc': ssast_tiny's embed_dim is an integer"),
+             (["--steps", "4", "--override", "embed_dim=abc"],
+              "--override embed_dim='abc': ssast_tiny's embed_dim is an integer"),
              (["--steps", "4", "--override", "depth=true"], "--override depth=True: ssast_tiny's depth is an integer")]
     for extra, message in cases:
         assert main(base + extra) == 2, extra
