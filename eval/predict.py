@@ -18,6 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from hear_msm._files import write_text_atomic
+
 from . import compat
 
 SETTINGS = "eval-settings.json"
@@ -55,7 +57,7 @@ def prepare(embed_dir: Path, folder: Path, seed: int, grid: str, grid_points: in
     for item in sorted(Path(embed_dir).iterdir()):
         if item.is_file() and item.name not in _NOT_LINKED:
             (folder / item.name).symlink_to(os.path.relpath(item.resolve(), folder.resolve()))
-    (folder / SETTINGS).write_text(json.dumps(settings(seed, grid, grid_points)))
+    write_text_atomic(folder / SETTINGS, json.dumps(settings(seed, grid, grid_points)))
 
 
 def run_seed(embed_dir: Path, out_dir: Path, seed: int, grid: str, grid_points: int) -> Path:

@@ -15,6 +15,7 @@ abbreviations (only those that were run), then other tasks, then
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
@@ -22,6 +23,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from hear_msm._files import atomic_write, write_bytes_atomic, write_text_atomic
 
 from .predict import SCORES
 from .tasks import BY_FOLDER, order_key
@@ -168,8 +171,11 @@ def plot(summary: dict, path: Path) -> None:
     ax.legend(fontsize="small", ncol=min(4, len(models)))
     ax.set_title("HEAR tasks: mean ± 95% t-interval over seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    try:
+        with atomic_write(path) as handle:
+            fig.savefig(handle, format="png", dpi=130)
+    finally:
+        plt.close(fig)
 
 
 def write(out: Path, rows: list[dict], models: list[str] | None = None) -> dict:
@@ -177,12 +183,13 @@ def write(out: Path, rows: list[dict], models: list[str] | None = None) -> dict:
     out = Path(out)
     rows = sorted(rows, key=lambda r: ((models or []).index(r["model"]) if r["model"] in (models or []) else 0,
                                        r["model"], order_key(r["task"]), r["seed"]))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows({**row, "score": f"{row['score']:.6f}"} for row in rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows({**row, "score": f"{row['score']:.6f}"} for row in rows)
+    write_bytes_atomic(out / "results.csv", table.getvalue().encode("utf-8"))
     summary = summarise(rows, models)
-    (out / "results.md").write_text(markdown(summary))
+    write_text_atomic(out / "results.md", markdown(summary))
     if rows:
         plot(summary, out / "results.png")
     return summary

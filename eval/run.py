@@ -17,6 +17,11 @@ in OUT:
 
 Finished steps are detected and skipped, so an interrupted run resumes where it stopped and a
 rerun of a finished run recomputes nothing. Seeds are 42, 43, ...: seed 42 is stock heareval.
+Before any task starts, every model with embeddings to compute is loaded once here with its
+weights, so an unknown model or a weight source that does not resolve or fit fails at once.
+OUT/embeddings/<model>/model.json pins the weights of finished embeddings; what a failed run left
+unfinished does not block a rerun with corrected --weights. Tables and records are written
+atomically (`hear_msm._files.atomic_write`).
 
 Models: a hear_msm architecture name (`ssam_tiny` -> module hear_msm.ssam_tiny, default
 weights unless --weights names others) or any importable HEAR module (`hearbaseline.torchcrepe`).
@@ -29,9 +34,11 @@ folder in TASKS; --tasks takes folder names or the papers' abbreviations.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
+
+from hear_msm._files import write_text_atomic
 
 from . import report
 from .predict import seed_done
@@ -115,17 +124,42 @@ def embedding_dir(out: Path, spec: ModelSpec, task: str) -> Path | None:
 
 
 def check_model_record(out: Path, spec: ModelSpec) -> None:
-    """OUT/embeddings/<model>/model.json pins module, weights and options to the model's name."""
+    """OUT/embeddings/<model>/model.json pins module, weights and options to the model's name.
+
+    A record of other settings refuses the run only if finished embeddings were made with them; the
+    unfinished ones a failed run left are removed and the record replaced, so a corrected rerun proceeds.
+    """
     folder = out / "embeddings" / spec.label
     record_file = folder / "model.json"
     if record_file.is_file():
-        recorded = json.loads(record_file.read_text())
-        if recorded != spec.record():
+        try:
+            recorded = json.loads(record_file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            recorded = None  # a damaged record pins nothing
+        if recorded == spec.record():
+            return
+        if any(folder.rglob(".done.embeddings")):
             raise ValueError(f"{folder} holds embeddings of {recorded}, not {spec.record()}: "
                              "use another --out, or delete that folder to recompute")
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        record_file.write_text(json.dumps(spec.record(), indent=1))
+        for stale in (entry for entry in folder.iterdir() if entry.is_dir()):
+            shutil.rmtree(stale)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(record_file, json.dumps(spec.record(), indent=1))
+
+
+def check_model_loads(spec: ModelSpec) -> None:
+    """Load the model here, the way heareval's embeddings runner will, so that an unknown model or a
+    weight source that does not resolve (or does not fit) fails before any task starts."""
+    source = spec.weights or spec.options.get("model_file_path") or "its default weights"
+    try:
+        module = importlib.import_module(spec.module)
+        if spec.weights:
+            module.load_model(spec.weights, **spec.options)
+        else:
+            module.load_model(**spec.options)
+    except Exception as error:  # noqa: BLE001 - whatever fails here would fail every task of this model
+        detail = str(error).strip() or type(error).__name__
+        raise ValueError(f"model {spec.label}: cannot load it with {source!r}: {detail}") from None
 
 
 def run_embeddings(out: Path, spec: ModelSpec, task_path: Path, log: Path) -> Path:
@@ -208,21 +242,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no runnable HEAR task in {args.tasks_dir}", file=sys.stderr)
         return 2
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(SEED_BASE, SEED_BASE + args.seeds))
-    for spec in specs:
-        check_model_record(out, spec)
-
     # one unit per embeddings step and per seed; finished ones are counted up front
     work, done_units = [], 0
+    try:
+        for spec in specs:
+            for path in valid:
+                found = embedding_dir(out, spec, path.name)
+                embedded = found is not None and (found / ".done.embeddings").is_file()
+                pred_dir = out / "predictions" / spec.label / path.name
+                finished = [s for s in seeds if seed_done(pred_dir, s, args.grid, args.grid_points)]
+                done_units += embedded + len(finished)
+                work.append((spec, path, embedded, pred_dir, finished))
+        for label in dict.fromkeys(spec.label for spec, _, embedded, _, _ in work if not embedded):
+            check_model_loads(next(spec for spec in specs if spec.label == label))
+    except ValueError as err:
+        parser.error(str(err))
+    out.mkdir(parents=True, exist_ok=True)
     for spec in specs:
-        for path in valid:
-            found = embedding_dir(out, spec, path.name)
-            embedded = found is not None and (found / ".done.embeddings").is_file()
-            pred_dir = out / "predictions" / spec.label / path.name
-            finished = [s for s in seeds if seed_done(pred_dir, s, args.grid, args.grid_points)]
-            done_units += embedded + len(finished)
-            work.append((spec, path, embedded, pred_dir, finished))
+        check_model_record(out, spec)
     total = len(work) * (1 + len(seeds))
     failures, computed = [], 0
     start = time.time()

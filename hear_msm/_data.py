@@ -23,12 +23,14 @@ DataLoader workers, restarts and `--resume` all reproduce it exactly.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
+import math
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -317,61 +319,93 @@ def _add_member(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
     archive.addfile(info, io.BytesIO(payload))
 
 
+def _check_shard_settings(folder: Path, kind: str, clips_per_shard: int, min_seconds: float,
+                          segment_seconds: float | None) -> None:
+    def finite(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if kind not in ("logmel", "flac"):
+        raise ValueError(f"kind must be 'logmel' or 'flac', got {kind!r}")
+    if isinstance(clips_per_shard, bool) or not isinstance(clips_per_shard, int) or clips_per_shard < 1:
+        raise ValueError(f"clips_per_shard must be an integer >= 1, got {clips_per_shard!r}")
+    if not finite(min_seconds) or min_seconds < 0:
+        raise ValueError(f"min_seconds must be a finite number >= 0, got {min_seconds!r}")
+    if segment_seconds is not None:
+        if not finite(segment_seconds) or segment_seconds <= 0:
+            raise ValueError(f"segment_seconds must be a finite number > 0 (or None to keep files whole, "
+                             f"--whole-files), got {segment_seconds!r}")
+        if segment_seconds < min_seconds:
+            raise ValueError(f"segment_seconds {segment_seconds:g} is shorter than min_seconds {min_seconds:g}: "
+                             "every clip would be dropped")
+    if folder.is_file():
+        raise ValueError(f"{folder} is a file; prepare-shards reads a folder of audio files: "
+                         "put it in a folder of its own")
+
+
+def _clips(files: Iterable[Path], root: Path, min_seconds: float, segment_seconds: float | None,
+           skipped: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, 16 kHz mono audio) of every clip: each file cut into `segment_seconds` pieces."""
+    for path in files:
+        try:
+            data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        except (RuntimeError, sf.LibsndfileError):
+            skipped["unreadable"] += 1
+            continue
+        audio = to_16k_mono(data, rate)
+        step = len(audio) if segment_seconds is None else int(segment_seconds * SAMPLE_RATE)
+        pieces = [audio[i:i + step] for i in range(0, len(audio), step)]
+        pieces = [p for p in pieces if len(p) >= min_seconds * SAMPLE_RATE]
+        key_base = str(path.relative_to(root).with_suffix("")).replace(os.sep, "__").replace(".", "_")
+        for number, piece in enumerate(pieces):
+            yield f"{key_base}__{number:04d}", piece
+
+
+def _add_clip(archive: tarfile.TarFile, key: str, piece: torch.Tensor, kind: str) -> None:
+    buffer = io.BytesIO()
+    if kind == "logmel":
+        np.save(buffer, _Features.logmel(piece).numpy().astype(np.float16))
+        _add_member(archive, f"{key}.logmel.npy", buffer.getvalue())
+    else:
+        sf.write(buffer, piece.numpy(), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        _add_member(archive, f"{key}.flac", buffer.getvalue())
+
+
 def write_shards(folder: str | os.PathLike, out_dir: str | os.PathLike, kind: str = "logmel",
                  clips_per_shard: int = 1000, min_seconds: float = 0.5, segment_seconds: float | None = 10.0,
                  progress: bool = True) -> dict:
     """Write an audio folder as tar shards of log-mels (`logmel`) or 16 kHz mono FLAC (`flac`).
 
     Files longer than `segment_seconds` are split into consecutive segments of that length (a last
-    piece shorter than `min_seconds` is dropped); each segment is one clip, normalised on its own,
-    as the 10 s AudioSet clips are. Returns a summary (clips, shards, hours, skipped counts).
+    piece shorter than `min_seconds` is dropped; None keeps files whole); each segment is one clip,
+    normalised on its own, as the 10 s AudioSet clips are. Each shard is written through
+    `atomic_write`, so a killed run leaves only whole shards (and a temporary file the next run
+    removes). Returns a summary (clips, shards, hours, skipped counts).
     """
     from tqdm import tqdm
 
-    if kind not in ("logmel", "flac"):
-        raise ValueError(f"kind must be 'logmel' or 'flac', got {kind!r}")
-    out = Path(out_dir)
+    from ._files import atomic_write, remove_stale_temporaries
+
+    root, out = Path(folder), Path(out_dir)
+    _check_shard_settings(root, kind, clips_per_shard, min_seconds, segment_seconds)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
         raise FileExistsError(f"{out} already holds .tar shards; choose an empty folder")
-    source = AudioFolder(folder, min_seconds=min_seconds, max_clip_seconds=None)
+    remove_stale_temporaries(out)
+    source = AudioFolder(root, min_seconds=min_seconds, max_clip_seconds=None)
     log.info(source.describe())
-    shard_number, in_shard, clips, seconds = 0, 0, 0, 0.0
-    archive = None
-    root = Path(folder)
-    try:
-        for path in tqdm(source.files, desc="prepare-shards", unit="file", disable=not progress):
-            try:
-                data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-            except (RuntimeError, sf.LibsndfileError):
-                source.skipped["unreadable"] += 1
-                continue
-            audio = to_16k_mono(data, rate)
-            step = len(audio) if segment_seconds is None else int(segment_seconds * SAMPLE_RATE)
-            pieces = [audio[i:i + step] for i in range(0, len(audio), step)]
-            pieces = [p for p in pieces if len(p) >= min_seconds * SAMPLE_RATE]
-            key_base = str(path.relative_to(root).with_suffix("")).replace(os.sep, "__").replace(".", "_")
-            for number, piece in enumerate(pieces):
-                if archive is None or in_shard == clips_per_shard:
-                    if archive is not None:
-                        archive.close()
-                        shard_number += 1
-                    archive = tarfile.open(out / SHARD_PATTERN.format(shard_number), "w", format=tarfile.PAX_FORMAT)
-                    in_shard = 0
-                key = f"{key_base}__{number:04d}"
-                if kind == "logmel":
-                    buffer = io.BytesIO()
-                    np.save(buffer, _Features.logmel(piece).numpy().astype(np.float16))
-                    _add_member(archive, f"{key}.logmel.npy", buffer.getvalue())
-                else:
-                    buffer = io.BytesIO()
-                    sf.write(buffer, piece.numpy(), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-                    _add_member(archive, f"{key}.flac", buffer.getvalue())
-                in_shard += 1
+    clips, shards, seconds = 0, 0, 0.0
+    files = tqdm(source.files, desc="prepare-shards", unit="file", disable=not progress)
+    pending = _clips(files, root, min_seconds, segment_seconds, source.skipped)
+    first = next(pending, None)
+    while first is not None:
+        with atomic_write(out / SHARD_PATTERN.format(shards)) as handle, \
+                tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as archive:
+            for key, piece in itertools.chain([first], itertools.islice(pending, clips_per_shard - 1)):
+                _add_clip(archive, key, piece, kind)
                 clips += 1
                 seconds += len(piece) / SAMPLE_RATE
-    finally:
-        if archive is not None:
-            archive.close()
-    return {"clips": clips, "shards": shard_number + 1 if clips else 0, "hours": round(seconds / 3600, 3),
+        shards += 1
+        first = next(pending, None)
+    files.close()
+    return {"clips": clips, "shards": shards, "hours": round(seconds / 3600, 3),
             "skipped": dict(source.skipped), "kind": kind}

@@ -237,3 +237,79 @@ def test_peer_row_torchcrepe_runs_through_the_driver(tmp_path):
         (row,) = list(csv.DictReader(f))
     assert row["model"] == "hearbaseline.torchcrepe" and math.isfinite(float(row["score"]))
     assert "| hearbaseline.torchcrepe |" in (out / "results.md").read_text()
+
+
+def _tiny_task(root: Path) -> Path:
+    """A valid two-clip-per-split HEAR scene task of 1 s noise clips (no heareval needed to build it)."""
+    task = root / "tiny_scene-v1-dev"
+    rng = np.random.default_rng(0)
+    splits = ["train", "valid", "test"]
+    (task / "16000").mkdir(parents=True)
+    metadata = {"task_name": "tiny_scene", "embedding_type": "scene", "prediction_type": "multiclass",
+                "split_mode": "trainvaltest", "splits": splits, "evaluation": ["top1_acc"], "sample_duration": 1.0}
+    (task / "task_metadata.json").write_text(json.dumps(metadata))
+    (task / "labelvocabulary.csv").write_text("idx,label\n0,a\n1,b\n")
+    for split in splits:
+        (task / "16000" / split).mkdir()
+        labels = {f"{split}{i}.wav": ["a" if i else "b"] for i in range(2)}
+        for name in labels:
+            sf.write(str(task / "16000" / split / name), (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+        (task / f"{split}.json").write_text(json.dumps(labels))
+    validate_task(task)
+    return root
+
+
+def test_weights_are_checked_before_any_task_starts(weights, tmp_path, capsys):
+    from eval.run import main
+
+    tasks = _tiny_task(tmp_path / "tasks")
+    out = tmp_path / "out"
+    cases = [(f"ssast_tiny={tmp_path / 'no_such_weights'}", "model ssast_tiny: cannot load it with "
+                                                           f"'{tmp_path / 'no_such_weights'}': weights not found"),
+             (f"ssast_tiny={weights['axlstm_tiny']}", "these weights are for axlstm_tiny"),
+             ("ssast_tiny=ssast_tiny.no_such_tag", "ssast_tiny has no weight tag 'no_such_tag'")]
+    for weight, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(["--models", "ssast_tiny", "--tasks-dir", str(tasks), "--out", str(out), "--weights", weight])
+        assert stop.value.code == 2
+        assert message in capsys.readouterr().err, weight
+        assert not out.exists()  # nothing started, no record pinned
+
+
+def test_a_failed_runs_record_does_not_block_a_corrected_rerun(tmp_path):
+    from eval.run import ModelSpec, check_model_record
+
+    out = tmp_path / "out"
+    wrong = ModelSpec("ssast_tiny", "hear_msm.ssast_tiny", "/old/weights")
+    fixed = ModelSpec("ssast_tiny", "hear_msm.ssast_tiny", "/new/weights")
+    check_model_record(out, wrong)
+    partial = out / "embeddings" / "ssast_tiny" / "hear_msm.ssast_tiny" / "tiny_scene-v1-dev"
+    partial.mkdir(parents=True)
+    (partial / "train.embeddings.npy").write_bytes(b"unfinished")
+    check_model_record(out, fixed)  # nothing finished under the old record: replaced, leftovers gone
+    assert json.loads((out / "embeddings" / "ssast_tiny" / "model.json").read_text()) == fixed.record()
+    assert not partial.parent.exists()
+    partial.mkdir(parents=True)
+    (partial / ".done.embeddings").write_text("")
+    with pytest.raises(ValueError, match="holds embeddings of .*/new/weights"):
+        check_model_record(out, wrong)  # finished embeddings of other weights are never mixed in
+
+
+def test_results_tables_are_replaced_atomically(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    rows = [{"model": "a", "task": "esc50-v2.0.0-full", "seed": s, "metric": "top1_acc", "score": v}
+            for s, v in ((42, 0.5), (43, 0.6))]
+    report.write(tmp_path, rows, ["a"])
+    before = {name: (tmp_path / name).read_bytes() for name in ("results.csv", "results.md", "results.png")}
+
+    def savefig_then_disk_full(self, target, **kwargs):
+        (target if hasattr(target, "write") else open(target, "wb")).write(b"partial png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig_then_disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        report.write(tmp_path, rows[:1], ["a"])
+    assert (tmp_path / "results.png").read_bytes() == before["results.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.md", "results.png"]
+    assert (tmp_path / "results.csv").read_text().count("\n") == 2  # header + the one row now written

@@ -2,6 +2,8 @@
 
 Tiny configs (depth 2, batch 2-4) keep the whole file to about a minute of one CPU thread.
 """
+import csv
+import json
 import os
 import signal
 import socket
@@ -138,7 +140,7 @@ def test_train_exports_weights_loadable_by_load_model(audio_dir, tmp_path):
 def test_export_loads_through_the_hear_module(audio_dir, tmp_path):
     import hear_msm.ssast_tiny as module
 
-    config = _config(audio_dir, model_overrides={}, steps=1, batch_size=2, export_dtype="float16")
+    config = _config(audio_dir, model_overrides={}, steps=1, warmup_steps=0, batch_size=2, export_dtype="float16")
     final = training.train(config, tmp_path / "run").export_dir
     assert load_file(str(final / "model.safetensors"))["mask_token"].dtype == torch.float16
     model = module.load_model(str(final))
@@ -147,12 +149,12 @@ def test_export_loads_through_the_hear_module(audio_dir, tmp_path):
 
 
 def test_masked_only_and_timestep_masking_train(audio_dir, tmp_path):
-    config = _config(audio_dir, steps=2, mask_mode="timestep", masked_only_loss=True)
+    config = _config(audio_dir, steps=2, warmup_steps=1, mask_mode="timestep", masked_only_loss=True)
     assert np.isfinite(training.train(config, tmp_path / "run").loss)
 
 
 def test_joint_objective_options_train_and_are_validated(audio_dir, tmp_path):
-    config = _config(audio_dir, steps=2, patch_normalized_targets=True, discriminative_weight=0.1)
+    config = _config(audio_dir, steps=2, warmup_steps=1, patch_normalized_targets=True, discriminative_weight=0.1)
     assert np.isfinite(training.train(config, tmp_path / "run").loss)
     with pytest.raises(ValueError, match="discriminative_weight"):
         TrainConfig(discriminative_weight=-1.0)
@@ -208,13 +210,14 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(audio_dir, tmp_path, mo
 
     monkeypatch.setattr(hear_msm.MaskedSpectrogramModel, "reconstruction_loss", flaky)
     run = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*checkpoint.pt \(step 3\)"):
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*checkpoint.pt \(step 3, finite\)"):
         training.train(_config(audio_dir, steps=8), run)
     checkpoint = training.load_checkpoint(run / training.CHECKPOINT_NAME)
     assert checkpoint["step"] == 3
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
     assert not (run / "final").exists()
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "log.csv", "train_config.json"]
+    assert sorted(p.name for p in run.iterdir()) == [".hear_msm_run.json", ".hear_msm_run.lock", "checkpoint.pt",
+                                                     "log.csv", "train_config.json"]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -273,9 +276,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(audio_dir, tmp_path):
     log_steps = [int(r.split(",")[0]) for r in (killed / "log.csv").read_text().splitlines()[1:]]
     assert log_steps == list(range(1, 41))  # the killed tail was dropped, no duplicates
 
-    with_other_recipe = subprocess.run(_cli("--out", str(killed), "--resume", "--base-lr", "0.1"), env=_env(),
+    with_other_recipe = subprocess.run(_cli("--out", str(killed), "--resume", "--mask-ratio", "0.3"), env=_env(),
                                        capture_output=True, text=True)
-    assert with_other_recipe.returncode == 2 and "base_lr" in with_other_recipe.stderr
+    assert with_other_recipe.returncode == 2 and "mask_ratio" in with_other_recipe.stderr
 
 
 def _free_port() -> int:
@@ -315,3 +318,224 @@ def test_cli_registers_the_training_commands():
     assert args.run is training._cmd_pretrain and args.override == ["depth=2"]
     assert parser.parse_args(["prepare-shards", "a", "b"]).kind == "logmel"
     assert parser.parse_args(["plot-loss", "run"]).run is training._cmd_plot_loss
+
+
+# ------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("changes, message", [
+    ({"min_lr": 0.5}, r"min_lr 0.5 is above the peak learning rate 0.00015625 \(= base_lr 0.01 x batch_size 4"),
+    ({"steps": 0}, r"steps must be >= 1, got 0"),
+    ({"steps": -3}, r"steps must be >= 1, got -3"),
+    ({"epochs": 0.0, "steps": None}, r"epochs must be > 0, got 0.0"),
+    ({"epochs": -1.0}, r"epochs must be > 0"),
+    ({"warmup_steps": -1}, r"warmup_steps must be >= 0, got -1"),
+    ({"warmup_epochs": -0.5}, r"warmup_epochs must be >= 0"),
+    ({"warmup_steps": 6}, r"warm-up \(6 steps\) must be shorter than the run \(6 steps\).*below 6"),
+    ({"base_lr": float("nan")}, r"base_lr must be a finite number, got nan"),
+    ({"batch_size": 2.5}, r"batch_size must be an integer, got 2.5"),
+    ({"mask_ratio": 1.0}, r"mask_ratio must be below 1"),
+    ({"beta2": 1.5}, r"beta2 must be below 1"),
+    ({"model": "ssast_huge"}, r"unknown model 'ssast_huge'; available: ssast_tiny"),
+    ({"model_overrides": {"depth": 2, "bogus": 1}}, r"--override bogus: not a field of ssast_tiny's config; "
+                                                    r"accepted: embed_dim, depth, .*num_heads"),
+])
+def test_schedule_and_recipe_arguments_are_validated(audio_dir, changes, message):
+    with pytest.raises(ValueError, match=message):
+        _config(audio_dir, **changes)
+
+
+def test_warmup_derived_from_epochs_must_end_before_the_run():
+    config = TrainConfig(steps=20, warmup_epochs=10.0)
+    with pytest.raises(ValueError, match=r"warm-up \(30 steps = warmup_epochs 10 x 3 steps per epoch\) must be "
+                                         r"shorter than the run \(20 steps\)"):
+        training.schedule_steps(config, steps_per_epoch=3)
+    assert training.schedule_steps(TrainConfig(epochs=4.0, warmup_epochs=1.0), steps_per_epoch=3) == (12, 3)
+
+
+def test_cli_refuses_bad_schedule_and_data_before_writing(audio_dir, tmp_path, capsys):
+    from hear_msm.cli import main
+
+    base = ["pretrain", "--model", "ssast_tiny", "--override", "depth=2", "--data", str(audio_dir),
+            "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "run")]
+    cases = [(["--steps", "0"], "steps must be >= 1, got 0"),
+             (["--epochs", "-1"], "epochs must be > 0"),
+             (["--steps", "4", "--warmup-steps", "-2"], "warmup_steps must be >= 0"),
+             (["--steps", "4", "--base-lr", "0.001", "--min-lr", "0.01"],
+              "min_lr 0.01 is above the peak learning rate 1.5625e-05"),
+             (["--steps", "4", "--override", "bogus=1"], "--override bogus: not a field of ssast_tiny's config"),
+             (["--steps", "4", "--device", "bogus"], "device must be auto, cpu or cuda[:index], got 'bogus'"),
+             (["--steps", "4", "--data", str(audio_dir / "clip00.wav")],
+              "is a single audio file; pretraining draws batches"),
+             (["--steps", "4", "--override", "embed_dim=abc"],
+              "--override embed_dim='abc': ssast_tiny's embed_dim is an integer"),
+             (["--steps", "4", "--override", "depth=true"], "--override depth=True: ssast_tiny's depth is an integer")]
+    for extra, message in cases:
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "run" / training.CHECKPOINT_NAME).exists()
+    assert not (tmp_path / "run" / training.LOG_NAME).exists()
+
+
+def test_resume_refuses_garbage_and_foreign_checkpoints_without_unsafe_advice(audio_dir, tmp_path, capsys):
+    import argparse
+
+    from hear_msm.cli import main
+
+    run = tmp_path / "run"
+    training.train(_config(audio_dir, steps=2, warmup_steps=1), run)
+    checkpoint = run / training.CHECKPOINT_NAME
+    foreign = {
+        "garbage": lambda path: path.write_bytes(b"\x80\x02not a checkpoint at all" * 10),
+        "truncated": lambda path: path.write_bytes(path.read_bytes()[:5000]),
+        "plain state dict": lambda path: torch.save({"weight": torch.ones(3)}, path),
+        "pickled object": lambda path: torch.save({"args": argparse.Namespace(lr=1)}, path),
+        "empty": lambda path: path.write_bytes(b""),
+    }
+    original = checkpoint.read_bytes()
+    for name, write in foreign.items():
+        checkpoint.write_bytes(original)
+        write(checkpoint)
+        assert main(["pretrain", "--out", str(run), "--resume", "--no-progress"]) == 2, name
+        err = capsys.readouterr().err
+        assert str(checkpoint) in err and "hear-msm pretrain checkpoint" in err, (name, err)
+        assert "weights_only" not in err and "Traceback" not in err, (name, err)
+
+
+def test_divergence_advice_is_accepted_by_resume_and_recorded(audio_dir, tmp_path, monkeypatch, capsys):
+    """A NaN at step 4 stops the run; the printed command resumes it from the finite step-3 checkpoint
+    with a lower lr and clipping; the change is in the marker and the card; log rows are unique."""
+    import shlex
+
+    from hear_msm.cli import main
+
+    real = hear_msm.MaskedSpectrogramModel.reconstruction_loss
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(hear_msm.MaskedSpectrogramModel, "reconstruction_loss", flaky)
+    run = tmp_path / "run"
+    args = ["pretrain", "--model", "ssast_tiny", "--override", "depth=2", "--data", str(audio_dir), "--steps", "6",
+            "--batch-size", "4", "--warmup-steps", "2", "--base-lr", "0.01", "--checkpoint-every", "3",
+            "--log-every", "1", "--no-progress", "--out", str(run)]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "loss is nan at step 4" in err and "(step 3, finite)" in err
+    command = shlex.split(err.split("Continue from it with: ")[1].split(";")[0])
+    assert command[:2] == ["hear-msm", "pretrain"] and "--resume" in command
+    assert main(command[1:]) == 0, capsys.readouterr().err
+    assert "changed on resume: base_lr 0.01 -> 0.005, grad_clip 0.0 -> 1.0" in capsys.readouterr().err
+
+    marker = json.loads((run / ".hear_msm_run.json").read_text())
+    assert marker["resumes"][0]["step"] == 3
+    assert marker["resumes"][0]["changed"] == {"base_lr": [0.01, 0.005], "grad_clip": [0.0, 1.0]}
+    rows = list(csv.DictReader(open(run / training.LOG_NAME, newline="")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    peak = 0.005 * 4 / 256  # the new peak: step 3 (index 3) is the first after the 2-step warm-up
+    assert float(rows[3]["lr"]) == pytest.approx(peak * training.lr_factor(3, 2, 6, 0.0), rel=1e-5)
+    card = (run / "final" / "README.md").read_text()
+    assert "Resumed at step 3 with base_lr 0.01 -> 0.005, grad_clip 0.0 -> 1.0." in card and "nan" not in card
+
+    # a finished run resumed takes no step and keeps its loss in the card
+    before = load_file(str(run / "final" / "model.safetensors"))
+    assert main(["pretrain", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert "nan" not in (run / "final" / "README.md").read_text()
+    after = load_file(str(run / "final" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_accepts_schedule_and_precision_changes_only():
+    saved = TrainConfig(steps=100, warmup_steps=10)
+    changed = TrainConfig(steps=100, warmup_steps=20, base_lr=1e-4, min_lr=1e-6, grad_clip=1.0, precision="bf16",
+                          num_workers=2)
+    assert training._resume_changes(saved, changed) == {
+        "warmup_steps": (10, 20), "base_lr": (1.5e-4, 1e-4), "min_lr": (0.0, 1e-6), "grad_clip": (0.0, 1.0),
+        "precision": ("auto", "bf16"), "num_workers": (0, 2)}
+    with pytest.raises(ValueError, match=r"steps=200 \(run has 100\).*only the schedule \(base_lr, min_lr"):
+        training._resume_changes(saved, TrainConfig(steps=200, warmup_steps=10))
+
+
+def test_non_finite_weights_are_never_checkpointed(audio_dir, tmp_path, monkeypatch):
+    """NaN gradients under a finite loss (fp32 has no GradScaler to skip them) poison the weights in the
+    second update: the checkpoint due then is not written, the step-1 one stays the last good one."""
+    build, backward_calls = training.build_model, []
+
+    def poison_second_gradient(grad):
+        backward_calls.append(1)
+        return grad * float("nan") if len(backward_calls) == 2 else grad
+
+    def build_with_hook(config):
+        model = build(config)
+        model.pred[2].bias.register_hook(poison_second_gradient)
+        return model
+
+    monkeypatch.setattr(training, "build_model", build_with_hook)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"weights became non-finite by step 2 \(pred.2.bias.*"
+                                               r"Last good checkpoint: .*checkpoint.pt \(step 1, finite\)"):
+        training.train(_config(audio_dir, steps=4, warmup_steps=0, checkpoint_every=1), run)
+    state = training.load_checkpoint(run / training.CHECKPOINT_NAME)
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (run / "final").exists()
+
+
+def test_new_run_after_an_early_stop_starts_a_fresh_log(audio_dir, tmp_path, monkeypatch):
+    real = hear_msm.MaskedSpectrogramModel.reconstruction_loss
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(hear_msm.MaskedSpectrogramModel, "reconstruction_loss", flaky)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="No checkpoint was written yet: run the same command again"):
+        training.train(_config(audio_dir, steps=4, checkpoint_every=100), run)
+    assert len((run / training.LOG_NAME).read_text().splitlines()) == 3  # header + steps 1, 2
+    training.train(_config(audio_dir, steps=4, checkpoint_every=100), run)
+    steps = [int(r["step"]) for r in csv.DictReader(open(run / training.LOG_NAME, newline=""))]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_prepare_shards_refuses_bad_sizes_and_writes_whole_shards(audio_dir, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    for kwargs, message in [({"clips_per_shard": 0}, "clips_per_shard must be an integer >= 1, got 0"),
+                            ({"clips_per_shard": -5}, "clips_per_shard must be an integer >= 1"),
+                            ({"segment_seconds": 0.0}, "segment_seconds must be a finite number > 0"),
+                            ({"segment_seconds": -2.0}, "segment_seconds must be a finite number > 0"),
+                            ({"segment_seconds": float("nan")}, "segment_seconds must be a finite number > 0"),
+                            ({"segment_seconds": 0.2}, "segment_seconds 0.2 is shorter than min_seconds 0.5")]:
+        with pytest.raises(ValueError, match=message):
+            _data.write_shards(audio_dir, out, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="is a file; prepare-shards reads a folder"):
+        _data.write_shards(audio_dir / "clip00.wav", out, progress=False)
+    assert not out.exists() or not any(out.iterdir())
+
+    # a failure while writing the second shard leaves the first whole and nothing else
+    real, calls = _data._Features.logmel, []
+
+    def failing(audio):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError("disk full")
+        return real(audio)
+
+    monkeypatch.setattr(_data._Features, "logmel", failing)
+    with pytest.raises(OSError, match="disk full"):
+        _data.write_shards(audio_dir, out, clips_per_shard=3, progress=False)
+    assert [p.name for p in out.iterdir()] == ["shard-000000.tar"]
+    assert _data.TarShards(out).num_items == 3
+
+
+def test_prepare_shards_cli_segment_options(audio_dir, tmp_path, capsys):
+    from hear_msm.cli import main
+
+    assert main(["prepare-shards", str(audio_dir), str(tmp_path / "a"), "--segment-seconds", "0"]) == 2
+    assert "segment_seconds must be a finite number > 0" in capsys.readouterr().err
+    assert main(["prepare-shards", str(audio_dir), str(tmp_path / "b"), "--kind", "flac", "--whole-files",
+                 "--clips-per-shard", "100"]) == 0
+    summary = json.loads((tmp_path / "b" / "shards.json").read_text())
+    assert summary["clips"] == 12 and summary["shards"] == 1  # clip00 (12 s) kept whole
