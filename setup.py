@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     # `weights/` (the registry of weight tags and the shipped demo weights) sits at the top of the
     # repository per the design card and is installed as the subpackage `hear_msm.weights`.
-    packages=["hear_msm", "hear_msm.models", "hear_msm.ops", "hear_msm.weights"],
+    packages=["hear_msm", "hear_msm.models", "hear_msm.ops", "hear_msm.training", "hear_msm.weights"],
     package_dir={"hear_msm": "hear_msm", "hear_msm.weights": "weights"},
     package_data={
         "hear_msm.weights": ["*.json", "*/*.json", "*/*.safetensors", "*/*.md", "*/*.png"],

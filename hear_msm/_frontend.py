@@ -7,6 +7,7 @@ al.'s SSAST / SSAM / AxLSTM, exactly as the authors compute it (torchaudio MelSp
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torchaudio
 from torch import nn
@@ -14,6 +15,16 @@ from torch import nn
 SAMPLE_RATE = 16000
 HOP_SAMPLES = 160  # 10 ms frames
 LOG_OFFSET = 1.1920929e-07  # float32 machine epsilon, added before the log
+
+
+def to_16k_mono(data: np.ndarray, rate: int) -> torch.Tensor:
+    """[samples, channels] float at `rate` -> float32 [samples'] mono at 16 kHz."""
+    import torchaudio.functional as AF
+
+    audio = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1), dtype=np.float32))
+    if rate != SAMPLE_RATE:
+        audio = AF.resample(audio, rate, SAMPLE_RATE)
+    return audio
 
 
 class LogMelFrontend(nn.Module):

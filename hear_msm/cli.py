@@ -30,7 +30,7 @@ def read_audio_16k_mono(path: Path) -> tuple[np.ndarray, list[str]]:
     """Read any soundfile-readable file -> float32 mono at 16 kHz, plus notes on what changed."""
     import soundfile as sf
 
-    from hear_msm._data import to_16k_mono
+    from hear_msm._frontend import to_16k_mono
 
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [samples, channels]
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace weights already in out_dir")
     p.set_defaults(run=_cmd_convert)
 
-    from .train import register_commands
+    from .training.commands import register_commands
 
     register_commands(sub)
     return parser

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     import hear_msm
     from hear_msm._weights import save_pretrained
-    from hear_msm.train import plot_loss
+    from hear_msm.training.export import plot_loss
 
     corpus = json.loads(args.corpus.read_text())
     shards = json.loads(args.shards.read_text())

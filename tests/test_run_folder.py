@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from hear_msm import _run_folder, train as training
-from hear_msm.train import TrainConfig
+from hear_msm import training
+from hear_msm.training import config as run_config
+from hear_msm.training import run_folder
+from hear_msm.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +52,7 @@ def test_folder_with_unrelated_files_is_refused_untouched(audio_dir, tmp_path):
         training.train(_config(audio_dir), folder)
     with pytest.raises(ValueError, match=rf"refusing to resume {folder}: it is not a run of hear-msm pretrain"):
         training.train(_config(audio_dir), folder, resume=True)
-    assert _contents(folder) == before and not (folder / _run_folder.LOCK).exists()
+    assert _contents(folder) == before and not (folder / run_folder.LOCK).exists()
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(FileExistsError, match="is a file, not a run folder"):
         training.train(_config(audio_dir), tmp_path / "a_file")
@@ -62,22 +64,22 @@ def test_empty_folder_becomes_a_marked_run_that_can_be_resumed(audio_dir, tmp_pa
     folder = tmp_path / "run"
     folder.mkdir()
     training.train(_config(audio_dir), folder)
-    marker = json.loads((folder / _run_folder.MARKER).read_text())
-    assert marker["format"] == _run_folder.FORMAT and marker["version"] == _run_folder.VERSION
+    marker = json.loads((folder / run_folder.MARKER).read_text())
+    assert marker["format"] == run_folder.FORMAT and marker["version"] == run_folder.VERSION
     (folder / "notes.txt").write_text("a user's note in a marked run is left alone")
     training.train(_config(audio_dir), folder, resume=True)
     assert (folder / "notes.txt").read_text().startswith("a user's note")
-    marker = json.loads((folder / _run_folder.MARKER).read_text())
+    marker = json.loads((folder / run_folder.MARKER).read_text())
     assert marker["resumes"] == [{"step": 2, "time": marker["resumes"][0]["time"], "changed": {}}]
-    (folder / _run_folder.MARKER).write_text('{"format": "something else", "version": 1}')
+    (folder / run_folder.MARKER).write_text('{"format": "something else", "version": 1}')
     with pytest.raises(ValueError, match="is not a hear_msm run marker"):
         training.train(_config(audio_dir), folder, resume=True)
 
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     """A second process that claims `folder` and waits; returns once it holds the lock."""
-    code = ("import sys; from hear_msm import _run_folder\n"
-            f"with _run_folder.claim({str(folder)!r}, resume=False):\n"
+    code = ("import sys; from hear_msm.training import run_folder\n"
+            f"with run_folder.claim({str(folder)!r}, resume=False):\n"
             "    print('locked', flush=True); sys.stdin.read()\n")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, text=True)
@@ -91,27 +93,27 @@ def test_second_run_on_a_locked_folder_is_refused_and_a_dead_holder_is_taken_ove
     folder = tmp_path / "run"
     holder = _hold_lock(folder)
     try:
-        with pytest.raises(_run_folder.RunFolderInUse, match=rf"{folder} is in use by another run "
+        with pytest.raises(run_folder.RunFolderInUse, match=rf"{folder} is in use by another run "
                                                              rf"\(process {holder.pid}\)"):
             training.train(_config(audio_dir), folder)
         assert main(["pretrain", "--out", str(folder), "--resume"]) == 2  # before it reads any checkpoint
         assert f"is in use by another run (process {holder.pid})" in capsys.readouterr().err
-        assert not (folder / training.LOG_NAME).exists()
+        assert not (folder / run_config.LOG_NAME).exists()
     finally:
         holder.kill()  # SIGKILL: the process cannot clean up; the OS drops its lock
         holder.wait()
-    assert (folder / _run_folder.LOCK).read_text().strip() == str(holder.pid)  # the stale lock file stays
+    assert (folder / run_folder.LOCK).read_text().strip() == str(holder.pid)  # the stale lock file stays
     result = training.train(_config(audio_dir), folder)
     assert result.step == 2 and (folder / "final" / "model.safetensors").is_file()
-    assert (folder / _run_folder.LOCK).read_text().strip() == str(os.getpid())
+    assert (folder / run_folder.LOCK).read_text().strip() == str(os.getpid())
 
 
 def test_two_claims_in_one_process_exclude_each_other(tmp_path):
-    with _run_folder.claim(tmp_path / "run", resume=False):
-        with pytest.raises(_run_folder.RunFolderInUse, match=rf"process {os.getpid()}"):
-            with _run_folder.claim(tmp_path / "run", resume=False):
+    with run_folder.claim(tmp_path / "run", resume=False):
+        with pytest.raises(run_folder.RunFolderInUse, match=rf"process {os.getpid()}"):
+            with run_folder.claim(tmp_path / "run", resume=False):
                 pass
-    with _run_folder.claim(tmp_path / "run", resume=False):  # released on exit
+    with run_folder.claim(tmp_path / "run", resume=False):  # released on exit
         pass
 
 

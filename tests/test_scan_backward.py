@@ -93,7 +93,7 @@ def test_compiled_backward_threads_split_channels(monkeypatch):
 
 
 def test_ssam_tiny_training_step_gradients_compiled_equal_reference():
-    """One reconstruction-loss step of the whole MaskedSpectrogramModel (as hear_msm/train.py does
+    """One reconstruction-loss step of the whole MaskedSpectrogramModel (as hear_msm/training/loop.py does
     it), gradients of every parameter with the compiled scan vs the PyTorch reference."""
     torch.manual_seed(0)
     model = hear_msm.create_model("ssam_tiny").train()

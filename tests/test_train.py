@@ -20,8 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 import hear_msm
-from hear_msm import _data, train as training
-from hear_msm.train import TrainConfig, TrainingDiverged
+from hear_msm import training
+from hear_msm.training import commands, export, loop
+from hear_msm.training import state as run_state
+from hear_msm.training import config as run_config
+from hear_msm.training import data as _data
+from hear_msm.training import TrainConfig, TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"depth": 2}
@@ -103,13 +107,13 @@ def test_shards_round_trip_and_split_by_shard(audio_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------ recipe
 def test_depth_override_reaches_the_builder():
-    model = training.build_model(TrainConfig(model="ssam_tiny", model_overrides={"depth": 2}))
+    model = loop.build_model(TrainConfig(model="ssam_tiny", model_overrides={"depth": 2}))
     assert model.config.depth == 2 and len(model.blocks) == 2
 
 
 def test_weight_decay_groups_and_schedule():
-    model = training.build_model(TrainConfig(model="ssam_tiny", model_overrides=TINY))
-    decay, no_decay = training.parameter_groups(model, 0.05)
+    model = loop.build_model(TrainConfig(model="ssam_tiny", model_overrides=TINY))
+    decay, no_decay = loop.parameter_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     exempt = {names[id(p)] for p in no_decay["params"]}
     assert {"cls_token", "mask_token", "blocks.0.mixer.A_log", "blocks.0.mixer.D", "blocks.0.norm.weight",
@@ -117,7 +121,7 @@ def test_weight_decay_groups_and_schedule():
     assert "pos_embed" not in exempt and "pos_embed" not in {names[id(p)] for p in decay["params"]}  # frozen
     assert {names[id(p)] for p in decay["params"]} >= {"blocks.0.mixer.in_proj.weight", "pred.2.weight"}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    factors = [training.lr_factor(s, 10, 100, 0.0) for s in range(100)]
+    factors = [run_config.lr_factor(s, 10, 100, 0.0) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[99] < 0.001
     assert TrainConfig(batch_size=1024).lr == pytest.approx(6e-4)
@@ -132,7 +136,7 @@ def test_train_exports_weights_loadable_by_load_model(audio_dir, tmp_path):
     for key, value in result.model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
-    assert rows[0] == ",".join(training.LOG_FIELDS) and len(rows) == 5
+    assert rows[0] == ",".join(loop.LOG_FIELDS) and len(rows) == 5
     with pytest.raises(FileExistsError, match="--resume"):
         training.train(_config(audio_dir, steps=4), tmp_path / "run")
 
@@ -167,23 +171,23 @@ def test_training_decoder_is_checkpointed_resumed_and_never_exported(audio_dir, 
     config = _config(audio_dir, steps=4, checkpoint_every=2, decoder_depth=1)
     straight = training.train(config, tmp_path / "straight")
     assert straight.loss != plain.loss
-    state = training.load_checkpoint(tmp_path / "straight" / training.CHECKPOINT_NAME)
+    state = run_state.load_checkpoint(tmp_path / "straight" / run_state.CHECKPOINT_NAME)
     assert state["decoder"] and not any(name.startswith("decoder") for name in state["model"])
     exported = load_file(str(straight.export_dir / "model.safetensors"))
     assert exported.keys() == load_file(str(plain.export_dir / "model.safetensors")).keys()
     assert "decoder" in (straight.export_dir / "README.md").read_text()
 
     # interrupt right after the step-2 checkpoint, resume: the same weights as the straight run
-    save = training.save_checkpoint
+    save = run_state.save_checkpoint
 
     def save_then_stop(path, payload):
         save(path, payload)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         training.train(config, tmp_path / "interrupted")
-    monkeypatch.setattr(training, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     resumed = training.train(config, tmp_path / "interrupted", resume=True)
     for name, value in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], value), name
@@ -194,7 +198,7 @@ def test_training_decoder_is_checkpointed_resumed_and_never_exported(audio_dir, 
 def test_plot_loss(audio_dir, tmp_path):
     pytest.importorskip("matplotlib")
     training.train(_config(audio_dir, steps=3), tmp_path / "run")
-    png = training.plot_loss(tmp_path / "run")
+    png = export.plot_loss(tmp_path / "run")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -212,7 +216,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(audio_dir, tmp_path, mo
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*checkpoint.pt \(step 3, finite\)"):
         training.train(_config(audio_dir, steps=8), run)
-    checkpoint = training.load_checkpoint(run / training.CHECKPOINT_NAME)
+    checkpoint = run_state.load_checkpoint(run / run_state.CHECKPOINT_NAME)
     assert checkpoint["step"] == 3
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
     assert not (run / "final").exists()
@@ -222,7 +226,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(audio_dir, tmp_path, mo
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    training.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    run_state.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
 
     def broken_save(payload, handle):
         handle.write(b"partial")
@@ -230,8 +234,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        training.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
-    assert training.load_checkpoint(path)["step"] == 1
+        run_state.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert run_state.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
@@ -257,7 +261,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(audio_dir, tmp_path):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    step = training.load_checkpoint(killed / "checkpoint.pt")["step"]
+    step = run_state.load_checkpoint(killed / "checkpoint.pt")["step"]
     assert 0 < step < 40 and not (killed / "final").exists()
 
     resumed = subprocess.run(_cli("--out", str(killed), "--resume", "--no-progress"), env=_env(),
@@ -302,7 +306,7 @@ def test_two_process_gloo_ddp_ranks_end_identical(audio_dir, tmp_path):
              nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     exported = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
-    initial = training.build_model(_config(audio_dir)).state_dict()
+    initial = loop.build_model(_config(audio_dir)).state_dict()
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         assert torch.equal(ranks[0][key], exported[key]), key
@@ -315,9 +319,9 @@ def test_cli_registers_the_training_commands():
 
     parser = build_parser()
     args = parser.parse_args(["pretrain", "--out", "x", "--model", "ssam_tiny", "--data", "d", "--override", "depth=2"])
-    assert args.run is training._cmd_pretrain and args.override == ["depth=2"]
+    assert args.run is commands._cmd_pretrain and args.override == ["depth=2"]
     assert parser.parse_args(["prepare-shards", "a", "b"]).kind == "logmel"
-    assert parser.parse_args(["plot-loss", "run"]).run is training._cmd_plot_loss
+    assert parser.parse_args(["plot-loss", "run"]).run is commands._cmd_plot_loss
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -347,8 +351,8 @@ def test_warmup_derived_from_epochs_must_end_before_the_run():
     config = TrainConfig(steps=20, warmup_epochs=10.0)
     with pytest.raises(ValueError, match=r"warm-up \(30 steps = warmup_epochs 10 x 3 steps per epoch\) must be "
                                          r"shorter than the run \(20 steps\)"):
-        training.schedule_steps(config, steps_per_epoch=3)
-    assert training.schedule_steps(TrainConfig(epochs=4.0, warmup_epochs=1.0), steps_per_epoch=3) == (12, 3)
+        run_config.schedule_steps(config, steps_per_epoch=3)
+    assert run_config.schedule_steps(TrainConfig(epochs=4.0, warmup_epochs=1.0), steps_per_epoch=3) == (12, 3)
 
 
 def test_cli_refuses_bad_schedule_and_data_before_writing(audio_dir, tmp_path, capsys):
@@ -371,8 +375,8 @@ def test_cli_refuses_bad_schedule_and_data_before_writing(audio_dir, tmp_path, c
     for extra, message in cases:
         assert main(base + extra) == 2, extra
         assert message in capsys.readouterr().err, extra
-    assert not (tmp_path / "run" / training.CHECKPOINT_NAME).exists()
-    assert not (tmp_path / "run" / training.LOG_NAME).exists()
+    assert not (tmp_path / "run" / run_state.CHECKPOINT_NAME).exists()
+    assert not (tmp_path / "run" / run_config.LOG_NAME).exists()
 
 
 def test_resume_refuses_garbage_and_foreign_checkpoints_without_unsafe_advice(audio_dir, tmp_path, capsys):
@@ -382,7 +386,7 @@ def test_resume_refuses_garbage_and_foreign_checkpoints_without_unsafe_advice(au
 
     run = tmp_path / "run"
     training.train(_config(audio_dir, steps=2, warmup_steps=1), run)
-    checkpoint = run / training.CHECKPOINT_NAME
+    checkpoint = run / run_state.CHECKPOINT_NAME
     foreign = {
         "garbage": lambda path: path.write_bytes(b"\x80\x02not a checkpoint at all" * 10),
         "truncated": lambda path: path.write_bytes(path.read_bytes()[:5000]),
@@ -431,10 +435,10 @@ def test_divergence_advice_is_accepted_by_resume_and_recorded(audio_dir, tmp_pat
     marker = json.loads((run / ".hear_msm_run.json").read_text())
     assert marker["resumes"][0]["step"] == 3
     assert marker["resumes"][0]["changed"] == {"base_lr": [0.01, 0.005], "grad_clip": [0.0, 1.0]}
-    rows = list(csv.DictReader(open(run / training.LOG_NAME, newline="")))
+    rows = list(csv.DictReader(open(run / run_config.LOG_NAME, newline="")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     peak = 0.005 * 4 / 256  # the new peak: step 3 (index 3) is the first after the 2-step warm-up
-    assert float(rows[3]["lr"]) == pytest.approx(peak * training.lr_factor(3, 2, 6, 0.0), rel=1e-5)
+    assert float(rows[3]["lr"]) == pytest.approx(peak * run_config.lr_factor(3, 2, 6, 0.0), rel=1e-5)
     card = (run / "final" / "README.md").read_text()
     assert "Resumed at step 3 with base_lr 0.01 -> 0.005, grad_clip 0.0 -> 1.0." in card and "nan" not in card
 
@@ -450,17 +454,17 @@ def test_resume_accepts_schedule_and_precision_changes_only():
     saved = TrainConfig(steps=100, warmup_steps=10)
     changed = TrainConfig(steps=100, warmup_steps=20, base_lr=1e-4, min_lr=1e-6, grad_clip=1.0, precision="bf16",
                           num_workers=2)
-    assert training._resume_changes(saved, changed) == {
+    assert run_config.resume_changes(saved, changed) == {
         "warmup_steps": (10, 20), "base_lr": (1.5e-4, 1e-4), "min_lr": (0.0, 1e-6), "grad_clip": (0.0, 1.0),
         "precision": ("auto", "bf16"), "num_workers": (0, 2)}
     with pytest.raises(ValueError, match=r"steps=200 \(run has 100\).*only the schedule \(base_lr, min_lr"):
-        training._resume_changes(saved, TrainConfig(steps=200, warmup_steps=10))
+        run_config.resume_changes(saved, TrainConfig(steps=200, warmup_steps=10))
 
 
 def test_non_finite_weights_are_never_checkpointed(audio_dir, tmp_path, monkeypatch):
     """NaN gradients under a finite loss (fp32 has no GradScaler to skip them) poison the weights in the
     second update: the checkpoint due then is not written, the step-1 one stays the last good one."""
-    build, backward_calls = training.build_model, []
+    build, backward_calls = loop.build_model, []
 
     def poison_second_gradient(grad):
         backward_calls.append(1)
@@ -471,12 +475,12 @@ def test_non_finite_weights_are_never_checkpointed(audio_dir, tmp_path, monkeypa
         model.pred[2].bias.register_hook(poison_second_gradient)
         return model
 
-    monkeypatch.setattr(training, "build_model", build_with_hook)
+    monkeypatch.setattr(loop, "build_model", build_with_hook)
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"weights became non-finite by step 2 \(pred.2.bias.*"
                                                r"Last good checkpoint: .*checkpoint.pt \(step 1, finite\)"):
         training.train(_config(audio_dir, steps=4, warmup_steps=0, checkpoint_every=1), run)
-    state = training.load_checkpoint(run / training.CHECKPOINT_NAME)
+    state = run_state.load_checkpoint(run / run_state.CHECKPOINT_NAME)
     assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (run / "final").exists()
 
@@ -494,9 +498,9 @@ def test_new_run_after_an_early_stop_starts_a_fresh_log(audio_dir, tmp_path, mon
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="No checkpoint was written yet: run the same command again"):
         training.train(_config(audio_dir, steps=4, checkpoint_every=100), run)
-    assert len((run / training.LOG_NAME).read_text().splitlines()) == 3  # header + steps 1, 2
+    assert len((run / run_config.LOG_NAME).read_text().splitlines()) == 3  # header + steps 1, 2
     training.train(_config(audio_dir, steps=4, checkpoint_every=100), run)
-    steps = [int(r["step"]) for r in csv.DictReader(open(run / training.LOG_NAME, newline=""))]
+    steps = [int(r["step"]) for r in csv.DictReader(open(run / run_config.LOG_NAME, newline=""))]
     assert steps == [1, 2, 3, 4]
 
 

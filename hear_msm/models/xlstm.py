@@ -24,7 +24,6 @@ in benchmarks/.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch

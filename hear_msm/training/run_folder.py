@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ._files import remove_stale_temporaries, write_text_atomic
+from .._files import remove_stale_temporaries, write_text_atomic
 
 try:
     import fcntl
@@ -133,7 +133,7 @@ class RunFolder:
 
 
 def _write_marker(folder: Path) -> None:
-    from . import __version__
+    from .. import __version__
 
     marker = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "hear_msm": __version__}

@@ -36,7 +36,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from ._frontend import SAMPLE_RATE, LogMelFrontend
+from .._frontend import SAMPLE_RATE, LogMelFrontend, to_16k_mono
 
 log = logging.getLogger("hear_msm.data")
 
@@ -45,16 +45,6 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 
 
 # ------------------------------------------------------------------------------------ audio
-def to_16k_mono(data: np.ndarray, rate: int) -> torch.Tensor:
-    """[samples, channels] float at `rate` -> float32 [samples'] mono at 16 kHz."""
-    import torchaudio.functional as AF
-
-    audio = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1), dtype=np.float32))
-    if rate != SAMPLE_RATE:
-        audio = AF.resample(audio, rate, SAMPLE_RATE)
-    return audio
-
-
 def read_segment(path: str | os.PathLike, max_seconds: float | None, rng: np.random.Generator) -> torch.Tensor:
     """Read a file (a random `max_seconds` segment if longer) as 16 kHz mono float32 [samples]."""
     with sf.SoundFile(str(path)) as handle:
@@ -383,7 +373,7 @@ def write_shards(folder: str | os.PathLike, out_dir: str | os.PathLike, kind: st
     """
     from tqdm import tqdm
 
-    from ._files import atomic_write, remove_stale_temporaries
+    from .._files import atomic_write, remove_stale_temporaries
 
     root, out = Path(folder), Path(out_dir)
     _check_shard_settings(root, kind, clips_per_shard, min_seconds, segment_seconds)

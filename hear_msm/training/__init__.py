@@ -1,0 +1,40 @@
+"""Masked spectrogram pretraining, on one CPU or under `torchrun` on many GPUs.
+
+    hear-msm pretrain --model ssam_tiny --data AUDIO_OR_SHARDS --out RUN [--steps N --batch-size B]
+    torchrun --nproc-per-node=4 -m hear_msm.cli pretrain --model ssam_tiny --data SHARDS --out RUN
+    hear-msm pretrain --out RUN --resume          # continue a stopped or killed run
+    hear-msm plot-loss RUN                        # RUN/loss.png from RUN/log.csv
+
+The recipe (defaults = the official one, Yadav et al. after SSAST): random 2 s crops of per-clip
+normalised log-mel; 50% of the 250 patches masked (`unstructured`, or whole 40 ms columns with
+`timestep`) and replaced by the mask token, the encoder sees all tokens; MSE against the
+normalised patch values over all patches (`masked_only_loss` for the masked ones); AdamW
+betas (0.9, 0.95), weight decay 0.05 except biases, norms, positions and the cls/mask tokens;
+lr = base_lr * batch / 256, linear warm-up then cosine decay; fp16 autocast + GradScaler on CUDA.
+
+DDP is detected from the torchrun environment (WORLD_SIZE > 1): nccl on GPU, gloo on CPU; each
+rank reads its own shards (`data.EpochSampler`); only rank 0 logs and writes. A run folder holds
+`.hear_msm_run.json` (the marker: `--out` must be new, empty or marked; see `run_folder`),
+`.hear_msm_run.lock` (held by the running process), `train_config.json`, `checkpoint.pt` (every
+`checkpoint_every` steps and at the end: model, optimizer, scheduler, scaler, step, RNG states,
+sampler position), `log.csv` and, when finished, `final/` (config.json + model.safetensors,
+loadable with `hear_msm.load_model`). Every file is replaced atomically (`hear_msm._files.atomic_write`).
+Every random draw (init, crops, order, masks) is a function of (seed, step, rank), so a resumed run
+ends with the same weights as an uninterrupted one on a deterministic device.
+
+All arguments are checked before training starts (`TrainConfig.__post_init__`, `schedule_steps`):
+steps, epochs and batch positive, warm-up non-negative and shorter than the run, min_lr at most
+the peak lr, model overrides fields of the architecture's config. A NaN/Inf loss, or non-finite
+weights when a checkpoint is due, stops the run with the last (finite) checkpoint untouched and a
+`--resume` command to continue it; a resume may change the schedule (`ADJUSTABLE_FIELDS`: lr,
+min_lr, warm-up, clipping, precision) and execution settings, nothing else, and each change is
+logged, recorded in the marker and named in the model card.
+
+Modules: `config` (TrainConfig, validation, schedule), `data` (audio folders and tar shards ->
+crops), `run_folder` (marker and lock), `state` (checkpoint.pt, RNG), `loop` (`train()`: setup ->
+step -> log -> checkpoint -> export), `export` (RUN/final, loss plot), `commands` (the CLI).
+"""
+from .config import TrainConfig
+from .loop import TrainingDiverged, TrainResult, train
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train"]
