@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 
 import hear_msm
 from hear_msm import _checkpoint, _weights
-from hear_msm import train as training
+from hear_msm import training
+from hear_msm.training import state as run_state
 from hear_msm._checkpoint import load_torch_file, read_official_checkpoint
 from hear_msm.models.encoder import FIELD_BOUNDS
 from hear_msm.models.registry import config_classes
@@ -116,7 +117,7 @@ def test_record_declaring_more_elements_than_its_entry_is_refused_everywhere(tmp
         message = refused(path, "storage record archive/data/0 declares")
         assert f"{numel} torch.float32 elements ({4 * numel} bytes)" in message and "holds only 16 bytes" in message
         refused(path, "archive/data/0", reader=read_official_checkpoint)
-        refused(path, "archive/data/0", reader=training.load_checkpoint)
+        refused(path, "archive/data/0", reader=run_state.load_checkpoint)
         refused(path, "archive/data/0", reader=hear_msm.load_model)
 
 
@@ -459,14 +460,14 @@ def test_training_checkpoint_reads_exactly_as_saved(tmp_path):
                                   steps=2, warmup_steps=1, checkpoint_every=1, log_every=1, progress=False, seed=0,
                                   decoder_depth=1)
     training.train(config, tmp_path / "run")
-    path = tmp_path / "run" / training.CHECKPOINT_NAME
-    ours = training.load_checkpoint(path)
+    path = tmp_path / "run" / run_state.CHECKPOINT_NAME
+    ours = run_state.load_checkpoint(path)
     _assert_identical(ours, torch.load(path, map_location="cpu", weights_only=True))
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "config", "decoder"} <= set(ours)
     # the RNG states restore: the next draws equal those after restoring torch.load's copy
-    training._set_rng_state(ours["rng"])
+    run_state.set_rng_state(ours["rng"])
     draws = (random.random(), np.random.rand(), torch.rand(1).item())
-    training._set_rng_state(torch.load(path, weights_only=True)["rng"])
+    run_state.set_rng_state(torch.load(path, weights_only=True)["rng"])
     assert draws == (random.random(), np.random.rand(), torch.rand(1).item())
 
 
