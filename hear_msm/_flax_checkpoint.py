@@ -283,12 +283,21 @@ def _leaf(flax_name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     raise ValueError(f"unexpected Flax parameter {flax_name!r}")
 
 
-def _map_module(params: dict, used: set, flax_module: str, torch_module: str, out: dict) -> None:
+def _map_module(params: dict, used: dict, flax_module: str, torch_module: str, out: dict) -> None:
+    """Map the leaves of one Flax module; `used` records {Flax path: hear_msm key}."""
     for name in sorted(params):
         if name.startswith(flax_module + "/") and name.count("/") == flax_module.count("/") + 1:
             suffix, value = _leaf(name, params[name])
-            out[torch_module + "." + suffix.rpartition("/")[2]] = value
-            used.add(name)
+            key = torch_module + "." + suffix.rpartition("/")[2]
+            out[key] = value
+            used[name] = key
+
+
+def _map_as_is(params: dict, used: dict, names: tuple[str, ...], out: dict) -> None:
+    for name in names:
+        if name in params:
+            out[name] = params[name]
+            used[name] = name
 
 
 def _check_shapes(out: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], what: str) -> None:
@@ -302,7 +311,8 @@ def _check_shapes(out: dict[str, np.ndarray], expected: dict[str, tuple[int, ...
         raise ValueError(f"{what}: " + "; ".join(d for d in details if d))
 
 
-def flax_encoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def flax_encoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+                       sources: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """The encoder of an MW-MAE / MAE `params` tree as hear_msm state-dict arrays, strictly.
 
     expected: {hear_msm key: shape} of the target encoder (its `state_dict()` shapes). Every
@@ -310,13 +320,11 @@ def flax_encoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[
     must be filled; the decoder's parameters (`decoder_*`, `mask_token`) are recognised and left
     out; any other parameter is an error. Dense kernels are transposed, the conv kernel goes from
     Flax's (time, mel, in, out) to torch's (out, in, time, mel), LayerNorm `scale` -> `weight`.
+    `sources`, if given, receives {Flax path: hear_msm key}.
     """
     out: dict[str, np.ndarray] = {}
-    used: set[str] = set()
-    for name in ("pos_embed", "cls_token"):
-        if name in params:
-            out[name] = params[name]
-            used.add(name)
+    used: dict[str, str] = {} if sources is None else sources
+    _map_as_is(params, used, ("pos_embed", "cls_token"), out)
     _map_module(params, used, "patch_embed/proj", "patch_embed.proj", out)
     _map_module(params, used, "encoder_norm", "encoder_norm", out)
     for name in sorted(params):
@@ -331,23 +339,22 @@ def flax_encoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[
         _map_module(params, used, f"encoder_block_{index:02d}/{module}", f"blocks.{index}.{_BLOCK[module]}", out)
     decoder = {n for n in params if n.split("/", 1)[0] in _DECODER_TOP + ("decoder_pos_embed", "mask_token")
                or n.startswith("decoder_block_")}
-    unknown = sorted(set(params) - used - decoder)
+    unknown = sorted(set(params) - set(used) - decoder)
     if unknown:
         raise ValueError(f"parameters {unknown[:5]} belong to neither the MW-MAE/MAE encoder nor its decoder")
     _check_shapes(out, expected, "the Flax checkpoint does not fit this encoder")
     return out
 
 
-def flax_decoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def flax_decoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+                       sources: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """The decoder of an MW-MAE / MAE `params` tree as state-dict arrays of hear_msm's
     `MaskedAutoencoderDecoder` (training only), strictly; encoder parameters are left out.
-    Windowed heads' tables [(2w-1), 1] become `decoder_blocks.<i>.attn.position_bias.<head>` [2w-1]."""
+    Windowed heads' tables [(2w-1), 1] become `decoder_blocks.<i>.attn.position_bias.<head>` [2w-1].
+    `sources`, if given, receives {Flax path: hear_msm key}."""
     out: dict[str, np.ndarray] = {}
-    used: set[str] = set()
-    for name in ("mask_token", "decoder_pos_embed"):
-        if name in params:
-            out[name] = params[name]
-            used.add(name)
+    used: dict[str, str] = {} if sources is None else sources
+    _map_as_is(params, used, ("mask_token", "decoder_pos_embed"), out)
     for module in _DECODER_TOP:
         _map_module(params, used, module, module, out)
     for name in sorted(params):
@@ -357,8 +364,9 @@ def flax_decoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[
         index, rest = int(match.group(1)), match.group(2)
         table = _HEADS_TABLE.match(rest)
         if table:
-            out[f"decoder_blocks.{index}.attn.position_bias.{int(table.group(1))}"] = params[name].reshape(-1)
-            used.add(name)
+            key = f"decoder_blocks.{index}.attn.position_bias.{int(table.group(1))}"
+            out[key] = params[name].reshape(-1)
+            used[name] = key
             continue
         module = rest.rpartition("/")[0]
         names = _WINDOWED_BLOCK if module.startswith("wmha_block") else _BLOCK
@@ -366,7 +374,7 @@ def flax_decoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[
             raise ValueError(f"decoder parameter {name!r} is not part of a decoder block")
         _map_module(params, used, f"decoder_block_{index:02d}/{module}", f"decoder_blocks.{index}.{names[module]}", out)
     encoder = {n for n in params if n in ("pos_embed", "cls_token") or n.startswith(("encoder_", "patch_embed/"))}
-    unknown = sorted(set(params) - used - encoder)
+    unknown = sorted(set(params) - set(used) - encoder)
     if unknown:
         raise ValueError(f"parameters {unknown[:5]} belong to neither the MW-MAE/MAE decoder nor its encoder")
     _check_shapes(out, expected, "the Flax checkpoint does not fit this decoder")
