@@ -283,21 +283,38 @@ def _leaf(flax_name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     raise ValueError(f"unexpected Flax parameter {flax_name!r}")
 
 
-def _map_module(params: dict, used: dict, flax_module: str, torch_module: str, out: dict) -> None:
-    """Map the leaves of one Flax module; `used` records {Flax path: hear_msm key}."""
-    for name in sorted(params):
-        if name.startswith(flax_module + "/") and name.count("/") == flax_module.count("/") + 1:
-            suffix, value = _leaf(name, params[name])
-            key = torch_module + "." + suffix.rpartition("/")[2]
-            out[key] = value
-            used[name] = key
+class _Mapping:
+    """Collects {hear_msm key: array} from a Flax tree; `used` = {Flax path: hear_msm key}.
+    With `release`, each Flax array is dropped from the tree once mapped, so a transposed copy
+    never coexists with the whole original tree."""
 
+    def __init__(self, params: dict, used: dict, release: bool):
+        self.params, self.used, self.release = params, used, release
+        self.names = set(params)
+        self.out: dict[str, np.ndarray] = {}
 
-def _map_as_is(params: dict, used: dict, names: tuple[str, ...], out: dict) -> None:
-    for name in names:
-        if name in params:
-            out[name] = params[name]
-            used[name] = name
+    def _take(self, name: str, key: str, value: np.ndarray) -> None:
+        self.out[key] = value
+        self.used[name] = key
+        if self.release:
+            del self.params[name]
+
+    def as_is(self, *names: str) -> None:
+        for name in names:
+            if name in self.params:
+                self._take(name, name, self.params[name])
+
+    def module(self, flax_module: str, torch_module: str) -> None:
+        depth = flax_module.count("/") + 1
+        for name in [n for n in self.params if n.startswith(flax_module + "/") and n.count("/") == depth]:
+            suffix, value = _leaf(name, self.params[name])
+            self._take(name, torch_module + "." + suffix.rpartition("/")[2], value)
+
+    def leaf(self, name: str, key: str, value: np.ndarray) -> None:
+        self._take(name, key, value)
+
+    def unknown(self, other_part: set[str]) -> list[str]:
+        return sorted(self.names - set(self.used) - other_part)
 
 
 def _check_shapes(out: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], what: str) -> None:
@@ -312,7 +329,7 @@ def _check_shapes(out: dict[str, np.ndarray], expected: dict[str, tuple[int, ...
 
 
 def flax_encoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
-                       sources: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+                       sources: dict[str, str] | None = None, release: bool = False) -> dict[str, np.ndarray]:
     """The encoder of an MW-MAE / MAE `params` tree as hear_msm state-dict arrays, strictly.
 
     expected: {hear_msm key: shape} of the target encoder (its `state_dict()` shapes). Every
@@ -320,30 +337,29 @@ def flax_encoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[
     must be filled; the decoder's parameters (`decoder_*`, `mask_token`) are recognised and left
     out; any other parameter is an error. Dense kernels are transposed, the conv kernel goes from
     Flax's (time, mel, in, out) to torch's (out, in, time, mel), LayerNorm `scale` -> `weight`.
-    `sources`, if given, receives {Flax path: hear_msm key}.
+    `sources`, if given, receives {Flax path: hear_msm key}; `release` drops each mapped array
+    from `params` (see `_Mapping`).
     """
-    out: dict[str, np.ndarray] = {}
-    used: dict[str, str] = {} if sources is None else sources
-    _map_as_is(params, used, ("pos_embed", "cls_token"), out)
-    _map_module(params, used, "patch_embed/proj", "patch_embed.proj", out)
-    _map_module(params, used, "encoder_norm", "encoder_norm", out)
-    for name in sorted(params):
+    mapping = _Mapping(params, {} if sources is None else sources, release)
+    mapping.as_is("pos_embed", "cls_token")
+    mapping.module("patch_embed/proj", "patch_embed.proj")
+    mapping.module("encoder_norm", "encoder_norm")
+    for name in sorted(mapping.names):
         match = re.match(r"^encoder_block_(\d+)/(.+)$", name)
-        if match is None or name in used:
+        if match is None or name in mapping.used:
             continue
-        index, rest = int(match.group(1)), match.group(2)
-        module, _, _ = rest.rpartition("/")
+        index, module = int(match.group(1)), match.group(2).rpartition("/")[0]
         if module not in _BLOCK:
             raise ValueError(f"encoder parameter {name!r} is not part of a plain ViT block "
                              "(windowed encoder blocks are not supported)")
-        _map_module(params, used, f"encoder_block_{index:02d}/{module}", f"blocks.{index}.{_BLOCK[module]}", out)
-    decoder = {n for n in params if n.split("/", 1)[0] in _DECODER_TOP + ("decoder_pos_embed", "mask_token")
+        mapping.module(name.rsplit("/", 1)[0], f"blocks.{index}.{_BLOCK[module]}")
+    decoder = {n for n in mapping.names if n.split("/", 1)[0] in _DECODER_TOP + ("decoder_pos_embed", "mask_token")
                or n.startswith("decoder_block_")}
-    unknown = sorted(set(params) - set(used) - decoder)
+    unknown = mapping.unknown(decoder)
     if unknown:
         raise ValueError(f"parameters {unknown[:5]} belong to neither the MW-MAE/MAE encoder nor its decoder")
-    _check_shapes(out, expected, "the Flax checkpoint does not fit this encoder")
-    return out
+    _check_shapes(mapping.out, expected, "the Flax checkpoint does not fit this encoder")
+    return mapping.out
 
 
 def flax_decoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
@@ -352,30 +368,28 @@ def flax_decoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[
     `MaskedAutoencoderDecoder` (training only), strictly; encoder parameters are left out.
     Windowed heads' tables [(2w-1), 1] become `decoder_blocks.<i>.attn.position_bias.<head>` [2w-1].
     `sources`, if given, receives {Flax path: hear_msm key}."""
-    out: dict[str, np.ndarray] = {}
-    used: dict[str, str] = {} if sources is None else sources
-    _map_as_is(params, used, ("mask_token", "decoder_pos_embed"), out)
+    mapping = _Mapping(params, {} if sources is None else sources, release=False)
+    mapping.as_is("mask_token", "decoder_pos_embed")
     for module in _DECODER_TOP:
-        _map_module(params, used, module, module, out)
-    for name in sorted(params):
+        mapping.module(module, module)
+    for name in sorted(mapping.names):
         match = re.match(r"^decoder_block_(\d+)/(.+)$", name)
-        if match is None or name in used:
+        if match is None or name in mapping.used:
             continue
         index, rest = int(match.group(1)), match.group(2)
         table = _HEADS_TABLE.match(rest)
         if table:
             key = f"decoder_blocks.{index}.attn.position_bias.{int(table.group(1))}"
-            out[key] = params[name].reshape(-1)
-            used[name] = key
+            mapping.leaf(name, key, params[name].reshape(-1))
             continue
         module = rest.rpartition("/")[0]
         names = _WINDOWED_BLOCK if module.startswith("wmha_block") else _BLOCK
         if module not in names:
             raise ValueError(f"decoder parameter {name!r} is not part of a decoder block")
-        _map_module(params, used, f"decoder_block_{index:02d}/{module}", f"decoder_blocks.{index}.{names[module]}", out)
-    encoder = {n for n in params if n in ("pos_embed", "cls_token") or n.startswith(("encoder_", "patch_embed/"))}
-    unknown = sorted(set(params) - set(used) - encoder)
+        mapping.module(name.rsplit("/", 1)[0], f"decoder_blocks.{index}.{names[module]}")
+    encoder = {n for n in mapping.names if n in ("pos_embed", "cls_token") or n.startswith(("encoder_", "patch_embed/"))}
+    unknown = mapping.unknown(encoder)
     if unknown:
         raise ValueError(f"parameters {unknown[:5]} belong to neither the MW-MAE/MAE decoder nor its encoder")
-    _check_shapes(out, expected, "the Flax checkpoint does not fit this decoder")
-    return out
+    _check_shapes(mapping.out, expected, "the Flax checkpoint does not fit this decoder")
+    return mapping.out

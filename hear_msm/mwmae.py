@@ -299,6 +299,7 @@ def flax_weights(path) -> tuple[MWMAEConfig, dict[str, torch.Tensor], int | None
     from ._flax_checkpoint import flax_encoder_state, read_flax_checkpoint
 
     checkpoint = read_flax_checkpoint(path)
+    step = checkpoint.step
     arch = infer_flax_arch(checkpoint.params)
     if arch is None:
         raise ValueError(f"{checkpoint.path}: the parameter tree is not an MW-MAE/MAE encoder of a known "
@@ -306,8 +307,10 @@ def flax_weights(path) -> tuple[MWMAEConfig, dict[str, torch.Tensor], int | None
     with torch.device("meta"):
         encoder = _create(arch)
     expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
-    arrays = flax_encoder_state(checkpoint.params, expected)
-    return encoder.config, {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in arrays.items()}, checkpoint.step
+    arrays = flax_encoder_state(checkpoint.params, expected, release=True)
+    del checkpoint  # the decoder's parameters
+    state = {key: torch.from_numpy(np.ascontiguousarray(arrays.pop(key))).float() for key in sorted(arrays)}
+    return encoder.config, state, step
 
 
 def infer_flax_arch(params: dict) -> str | None:
