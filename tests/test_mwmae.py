@@ -30,6 +30,7 @@ from hear_msm._frontend import LogMelFrontend
 
 FACTOR = 4.0
 FLOOR = 1e-5
+MEAN_FLOOR = 1e-6
 FLAX = FIXTURES / "flax"
 DECODED = json.loads((FLAX / "flax_decoded.json").read_text())
 ENCODER_PARAMS = {"mwmae_base": 85_297_920, "mae_base": 85_299_456}
@@ -342,41 +343,54 @@ def test_whole_model_matches_the_authors_wrapper_in_float64(model, encoders, aud
     with torch.no_grad():
         embeddings = _official_layout(encoders[model], features)
     assert embeddings.shape == reference["timestamp_embeddings.float64_as_float32"].shape == (2, 63, 3840)
-    _within_policy(f"{model} timestamp embeddings", embeddings, reference["timestamp_embeddings.float64_as_float32"],
-                   authors["float32.timestamp_embeddings"]["max_abs"])
+    expected = reference["timestamp_embeddings.float64_as_float32"]
+    _within_policy(f"{model} timestamp embeddings", embeddings, expected, authors["float32.timestamp_embeddings"]["max_abs"])
+    mean_error = (embeddings.double() - expected.double()).abs().mean().item()
+    mean_authors = authors["float32.timestamp_embeddings"]["mean_abs"]
+    print(f"{model} timestamp embeddings, mean |error|: hear_msm float32 {mean_error:.3g}, authors float32 {mean_authors:.3g}")
+    assert mean_error <= FACTOR * mean_authors + MEAN_FLOOR
     _within_policy(f"{model} scene embeddings", embeddings.mean(1), reference["scene.float64"],
-                   authors["float32.scene_raw"]["max_abs"])
+                   authors["float32.scene"]["max_abs"])
     # their timestamps: evenly spread from 0 over the clip, 2500 ms / 63 apart
     torch.testing.assert_close(reference["timestamps"][0], 2500 / 63 * torch.arange(63.0), rtol=0, atol=1e-3)
 
 
-def test_tolerance_catches_real_mistakes(encoders, audio, mwmae):
-    """Each mistake moves MW-MAE-B's first 2 s chunk far beyond the parity bound."""
+def test_tolerance_catches_real_mistakes(encoders, audio):
+    """Each mistake moves MW-MAE-B's first 2 s chunk far beyond the parity bounds: the max-error
+    bound of the policy, and the same policy on the mean error (where a systematic mistake such as
+    the GELU form shows while rounding noise averages out)."""
     reference, authors = _reference("mwmae_base", "reference")
-    expected = reference["timestamp_embeddings.float64_as_float32"][:1, :50]  # clip 0, chunk 0
-    bound = FACTOR * authors["float32.timestamp_embeddings"]["max_abs"] + FLOOR
+    expected = reference["timestamp_embeddings.float64_as_float32"][:1, :50].double()  # clip 0, chunk 0
+    embeddings = authors["float32.timestamp_embeddings"]
+    max_bound = FACTOR * embeddings["max_abs"] + FLOOR
+    mean_bound = FACTOR * embeddings["mean_abs"] + MEAN_FLOOR
     chunk = LogMelFrontend()(audio[:1])[:, None, :200]
     encoder = encoders["mwmae_base"]
 
-    def error(tokens):
-        return (tokens.reshape(1, 50, -1) - expected).abs().max().item()
+    def errors(tokens):
+        difference = (tokens.reshape(1, 50, -1).double() - expected).abs()
+        return difference.max().item() / max_bound, difference.mean().item() / mean_bound
 
     with torch.no_grad():
         tokens = encoder.forward_features(chunk)
-        mistakes = {"frequency-major token order": error(tokens.view(1, 50, 5, -1).transpose(1, 2))}
+        correct = errors(tokens)
+        mistakes = {"frequency-major token order": errors(tokens.view(1, 50, 5, -1).transpose(1, 2))}
         for block in encoder.blocks:
             block.mlp.gelu_approximate = "none"
-        mistakes["exact GELU instead of tanh"] = error(encoder.forward_features(chunk))
+        mistakes["exact GELU instead of tanh"] = errors(encoder.forward_features(chunk))
         for block in encoder.blocks:
             block.mlp.gelu_approximate = "tanh"
             block.attn.proj_layer.weight.copy_(block.attn.proj_layer.weight.T.clone())
-        mistakes["square Dense kernels not transposed"] = error(encoder.forward_features(chunk))
+        mistakes["square Dense kernels not transposed"] = errors(encoder.forward_features(chunk))
         for block in encoder.blocks:
             block.attn.proj_layer.weight.copy_(block.attn.proj_layer.weight.T.clone())
-        correct = error(encoder.forward_features(chunk))
-    print(f"bound {bound:.3g}; correct {correct:.3g}; " + "; ".join(f"{k} {v:.3g} ({v / bound:.0f}x)" for k, v in mistakes.items()))
-    assert correct <= bound
-    assert all(value >= 30 * bound for value in mistakes.values()), mistakes
+        assert errors(encoder.forward_features(chunk)) == correct  # restored
+    print(f"error / bound (max, mean): correct {correct[0]:.2g}, {correct[1]:.2g}; " +
+          "; ".join(f"{k} {a:.3g}, {b:.3g}" for k, (a, b) in mistakes.items()))
+    assert max(correct) <= 1
+    # layout and kernel mistakes: five orders of magnitude; the GELU form, the subtlest, still > 20x
+    assert min(mistakes["frequency-major token order"] + mistakes["square Dense kernels not transposed"]) >= 1e4, mistakes
+    assert min(mistakes["exact GELU instead of tanh"]) >= 20, mistakes
 
 
 @pytest.mark.parametrize("model", list(ENCODER_PARAMS))
