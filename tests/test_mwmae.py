@@ -31,6 +31,9 @@ from hear_msm._frontend import LogMelFrontend
 FACTOR = 4.0
 FLOOR = 1e-5
 MEAN_FLOOR = 1e-6
+# torch's log-mel (theirs and ours: the same code) moves by up to 1.8e-4 with ATEN_CPU_CAPABILITY=default
+# on the fixture audio (4.9e-5 at the avx2 / avx512 levels), mostly through the per-clip mean and std
+FEATURE_FLOOR = 3e-4
 FLAX = FIXTURES / "flax"
 DECODED = json.loads((FLAX / "flax_decoded.json").read_text())
 ENCODER_PARAMS = {"mwmae_base": 85_297_920, "mae_base": 85_299_456}
@@ -242,10 +245,10 @@ def test_reader_imports_only_msgpack_numpy_and_the_standard_library():
 
 
 # ------------------------------------------------------------------------------------ decoder parity
-def _within_policy(name, ours, reference, authors_error, quiet=False):
-    """max |ours - reference| <= FACTOR * authors_error + FLOOR; returns (error, bound)."""
+def _within_policy(name, ours, reference, authors_error, quiet=False, floor=FLOOR):
+    """max |ours - reference| <= FACTOR * authors_error + floor; returns (error, bound)."""
     error = (ours.double() - reference.double()).abs().max().item()
-    bound = FACTOR * authors_error + FLOOR
+    bound = FACTOR * authors_error + floor
     if not quiet:
         print(f"{name}: hear_msm float32 {error:.3g}, authors float32 {authors_error:.3g}, bound {bound:.3g}")
     assert error <= bound, (name, error, bound)
@@ -338,24 +341,32 @@ def _official_layout(encoder, features):
 @pytest.mark.parametrize("model", list(ENCODER_PARAMS))
 def test_whole_model_matches_the_authors_wrapper_in_float64(model, encoders, audio):
     reference, authors = _reference(model, "reference")
-    features = LogMelFrontend()(audio)  # their front end is this one: log(x + eps), per clip, time first
-    _within_policy(f"{model} features", features, reference["features.float64"], authors["float32.features"]["max_abs"])
-    with torch.no_grad():
-        embeddings = _official_layout(encoders[model], features)
-    assert embeddings.shape == reference["timestamp_embeddings.float64_as_float32"].shape == (2, 63, 3840)
     expected = reference["timestamp_embeddings.float64_as_float32"]
-    _within_policy(f"{model} timestamp embeddings", embeddings, expected, authors["float32.timestamp_embeddings"]["max_abs"])
-    mean_error = (embeddings.double() - expected.double()).abs().mean().item()
-    mean_authors = authors["float32.timestamp_embeddings"]["mean_abs"]
-    print(f"{model} timestamp embeddings, mean |error|: hear_msm float32 {mean_error:.3g}, authors float32 {mean_authors:.3g}")
-    assert mean_error <= FACTOR * mean_authors + MEAN_FLOOR
-    _within_policy(f"{model} scene embeddings", embeddings.mean(1), reference["scene.float64"],
-                   authors["float32.scene"]["max_abs"])
+    # front end: their log-mel is hear_msm's LogMelFrontend (log(x + eps), standardised per clip, time first)
+    features = LogMelFrontend()(audio)
+    feature_error, _ = _within_policy(f"{model} features", features, reference["features.float64"],
+                                      authors["float32.features"]["max_abs"], floor=FEATURE_FLOOR)
+    with torch.no_grad():
+        # the encoder on the very input their float64 run saw
+        encoded = _official_layout(encoders[model], reference["features.float64"].float())
+        assert encoded.shape == expected.shape == (2, 63, 3840)
+        _within_policy(f"{model} encoder (float64 features as input)", encoded, expected,
+                       authors["float32.timestamp_embeddings"]["max_abs"])
+        mean_error = (encoded.double() - expected.double()).abs().mean().item()
+        mean_authors = authors["float32.timestamp_embeddings"]["mean_abs"]
+        print(f"{model} encoder, mean |error|: hear_msm float32 {mean_error:.3g}, authors float32 {mean_authors:.3g}")
+        assert mean_error <= FACTOR * mean_authors + MEAN_FLOOR
+        # audio to embeddings: the bound adds the front end's own deviation (below 1 after the encoder)
+        embeddings = _official_layout(encoders[model], features)
+    _within_policy(f"{model} timestamp embeddings from audio", embeddings, expected,
+                   authors["float32.timestamp_embeddings"]["max_abs"], floor=FLOOR + feature_error)
+    _within_policy(f"{model} scene embeddings from audio", embeddings.mean(1), reference["scene.float64"],
+                   authors["float32.scene"]["max_abs"], floor=FLOOR + feature_error)
     # their timestamps: evenly spread from 0 over the clip, 2500 ms / 63 apart
     torch.testing.assert_close(reference["timestamps"][0], 2500 / 63 * torch.arange(63.0), rtol=0, atol=1e-3)
 
 
-def test_tolerance_catches_real_mistakes(encoders, audio):
+def test_tolerance_catches_real_mistakes(encoders):
     """Each mistake moves MW-MAE-B's first 2 s chunk far beyond the parity bounds: the max-error
     bound of the policy, and the same policy on the mean error (where a systematic mistake such as
     the GELU form shows while rounding noise averages out)."""
@@ -364,7 +375,7 @@ def test_tolerance_catches_real_mistakes(encoders, audio):
     embeddings = authors["float32.timestamp_embeddings"]
     max_bound = FACTOR * embeddings["max_abs"] + FLOOR
     mean_bound = FACTOR * embeddings["mean_abs"] + MEAN_FLOOR
-    chunk = LogMelFrontend()(audio[:1])[:, None, :200]
+    chunk = reference["features.float64"][:1, None, :200].float()
     encoder = encoders["mwmae_base"]
 
     def errors(tokens):
