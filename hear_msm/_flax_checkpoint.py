@@ -191,13 +191,9 @@ def decode_flax_msgpack(path: str | Path, keep: set[str] | None = None) -> tuple
                              "it is not a complete Flax msgpack checkpoint") from None
         except (msgpack.UnpackException, msgpack.ExtraData, ValueError, TypeError) as error:
             raise ValueError(f"{path} is not a Flax msgpack checkpoint: {error}") from None
-        try:
-            unpacker.skip()
-        except msgpack.OutOfData:
-            return entries, keys
-        except (msgpack.UnpackException, ValueError):
-            pass
-    raise ValueError(f"{path}: data after the end of the checkpoint map; not a Flax msgpack checkpoint")
+        if unpacker.tell() != path.stat().st_size:
+            raise ValueError(f"{path}: data after the end of the checkpoint map; not a Flax msgpack checkpoint")
+    return entries, keys
 
 
 def _unchunk_tree(tree: Any, name: str) -> Any:
@@ -250,7 +246,11 @@ def read_flax_checkpoint(path: str | Path) -> FlaxCheckpoint:
         raise ValueError(f"{file}: parameters {bad[:5]} are not arrays stored in the file "
                          "(Orbax arrays kept outside the msgpack file are not supported)")
     step = entries.get("step")
-    step = int(np.asarray(step)) if step is not None else None
+    if step is not None:
+        if not (isinstance(step, (int, np.integer)) or (isinstance(step, np.ndarray) and step.shape == ()
+                                                          and step.dtype.kind in "iu")):
+            raise ValueError(f"{file}: 'step' is {step!r}, not an integer: not a Flax train-state checkpoint")
+        step = int(step)
     dtypes = {name: value.stored_dtype for name, value in params.items()}
     params = {name: np.asarray(value) for name, value in params.items()}
     return FlaxCheckpoint(params=params, dtypes=dtypes, step=step, path=file, top_level_keys=keys)

@@ -201,6 +201,7 @@ def test_reader_refuses_what_is_not_a_complete_flax_checkpoint(tmp_path):
     cases = {
         "truncated": (data[: len(data) // 2], "truncated"),
         "trailing": (data + b"\x00", "after the end"),
+        "trailing_partial_object": (data + b"\x92", "after the end"),
         "torch_zip": (b"PK\x03\x04" + bytes(100), "not a Flax msgpack checkpoint"),
         "no_params": (bytes([0x81, 0xA4]) + b"step" + bytes([0x03]), "without a 'params' tree"),
     }
@@ -418,3 +419,39 @@ def test_bfloat16_effect_of_the_authors_wrapper(model):
           f"{error.max() / exact.abs().max():.2%} of max |value|), scene max {scene_error:.3g}; float32: {float32:.3g}")
     assert error.max().item() == pytest.approx(authors["bfloat16.timestamp_embeddings"]["max_abs"], rel=1e-3)
     assert error.max().item() > 100 * float32  # bfloat16 is not a rounding detail: the lead's runtime must reproduce it
+
+
+@pytest.mark.parametrize("cls_token", ["none", "dropped"])
+def test_masked_autoencoder_pieces_train_together(cls_token, mwmae):
+    """The authors' recipe in hear_msm's pieces: random masking (their rounding), the encoder on the
+    visible patches, the decoder on all positions; every parameter gets a gradient."""
+    torch.manual_seed(0)
+    config = mwmae.MWMAEConfig(arch="mwmae_test", embed_dim=32, depth=2, num_heads=2, cls_token=cls_token)
+    encoder = mwmae.build_mwmae(config)
+    windows = mwmae.MWMAE_DECODER.window_sizes if cls_token == "none" else (0,) * 8
+    decoder_config = mwmae.MultiWindowDecoderConfig(embed_dim=16, depth=1, window_sizes=windows)
+    decoder = mwmae.MaskedAutoencoderDecoder(decoder_config, config)
+    decoder.reset_parameters()
+    keep, restore = mwmae.random_restore_index(3, 250, 0.8, generator=torch.Generator().manual_seed(1))
+    assert keep.shape == (3, 50) and restore.shape == (3, 250)  # int(250 * (100 - 80) / 100) kept
+    assert torch.equal(restore.argsort(1)[:, :50], keep)  # restore_index undoes the shuffle
+    spectrogram = torch.randn(3, 1, 200, 80)
+    prediction = decoder(encoder.forward_visible(spectrogram, keep), restore)
+    assert prediction.shape == (3, 250, 64)
+    target = spectrogram.reshape(3, 50, 4, 5, 16).permute(0, 1, 3, 2, 4).reshape(3, 250, 64)  # time-major patches
+    masked = torch.ones(3, 250).scatter(1, keep, 0.0)
+    loss = (((prediction - target) ** 2).mean(-1) * masked).sum() / masked.sum()
+    loss.backward()
+    for module in (encoder, decoder):
+        for name, parameter in module.named_parameters():
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    assert encoder.pos_embed.grad.abs().sum() > 0  # learned positions, as the authors train them
+
+
+def test_windowed_attention_needs_whole_windows(mwmae):
+    attention = mwmae.MultiWindowAttention(16, 8, mwmae.MWMAE_DECODER.window_sizes)
+    assert attention(torch.randn(2, 250, 16)).shape == (2, 250, 16)
+    with pytest.raises(ValueError, match=r"251 is not a multiple of the attention windows \[2, 5, 10, 25, 50, 125\]"):
+        attention(torch.randn(1, 251, 16))  # e.g. a CLS token left in front of 250 patches
+    with pytest.raises(ValueError, match="one entry per head"):
+        mwmae.MultiWindowDecoderConfig(window_sizes=(2, 5))
