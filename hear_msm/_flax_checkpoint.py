@@ -387,7 +387,8 @@ def flax_decoder_state(params: dict[str, np.ndarray], expected: dict[str, tuple[
         if module not in names:
             raise ValueError(f"decoder parameter {name!r} is not part of a decoder block")
         mapping.module(name.rsplit("/", 1)[0], f"decoder_blocks.{index}.{names[module]}")
-    encoder = {n for n in mapping.names if n in ("pos_embed", "cls_token") or n.startswith(("encoder_", "patch_embed/"))}
+    encoder = {n for n in mapping.names
+               if n in ("pos_embed", "cls_token") or n.startswith(("encoder_", "patch_embed/"))}
     unknown = mapping.unknown(encoder)
     if unknown:
         raise ValueError(f"parameters {unknown[:5]} belong to neither the MW-MAE/MAE decoder nor its encoder")
