@@ -295,7 +295,8 @@ def random_restore_index(batch: int, num_patches: int, mask_ratio: float,
 def flax_weights(path) -> tuple[MWMAEConfig, dict[str, torch.Tensor], int | None]:
     """(config, encoder state dict, step) from an authors' Flax checkpoint (run folder,
     `checkpoint_<step>` file or Orbax directory), read without JAX; the preset is recognised
-    from the tree (embed_dim, depth, CLS). ValueError when the tree fits no registered preset."""
+    from the tree (embed_dim, depth, CLS) among the authors' sizes (`mae_tiny` ... `mwmae_huge`, not all
+    registered). ValueError when it fits none of them or does not map strictly."""
     from ._flax_checkpoint import flax_encoder_state, read_flax_checkpoint
 
     checkpoint = read_flax_checkpoint(path)
@@ -314,7 +315,7 @@ def flax_weights(path) -> tuple[MWMAEConfig, dict[str, torch.Tensor], int | None
 
 
 def infer_flax_arch(params: dict) -> str | None:
-    """The preset an MW-MAE / MAE Flax `params` tree belongs to, or None."""
+    """The authors' size an MW-MAE / MAE Flax `params` tree has ("mwmae_base", "mae_base", ...), or None."""
     pos = params.get("pos_embed")
     if pos is None or getattr(pos, "ndim", 0) != 3:
         return None
