@@ -30,6 +30,7 @@ setup(
         "huggingface-hub>=0.24",
         "safetensors>=0.4",
         "soundfile>=0.12",
+        "msgpack>=1.0",  # the authors' Flax checkpoints (MW-MAE / MAE), read without JAX
         "numpy",
         "tqdm",
     ],

@@ -21,11 +21,12 @@ from .models.registry import list_models  # noqa: E402
 from .models.mamba import MambaConfig  # noqa: E402
 from .models.transformer import TransformerConfig  # noqa: E402
 from .models.xlstm import XLSTMConfig  # noqa: E402
+from .models.mwmae import MWMAEConfig  # noqa: E402
 from .models.ssamba import SSAMBAConfig  # noqa: E402
 
 __all__ = [
     "__version__", "list_models", "create_model", "load_model",
-    "EncoderConfig", "TransformerConfig", "MambaConfig", "XLSTMConfig", "SSAMBAConfig",
+    "EncoderConfig", "TransformerConfig", "MambaConfig", "XLSTMConfig", "SSAMBAConfig", "MWMAEConfig",
     "MaskedSpectrogramModel", "SpectrogramEncoder",
 ]
 

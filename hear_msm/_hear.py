@@ -15,11 +15,13 @@ Layouts:
               embedding per column; timestamps at column centres (`first_column_centre_ms` of the
               front end + hop * j: 20 + 40 j ms for log-mel, 87.5 + 160 j ms for Kaldi fbank); a
               last column whose centre lies past the end of the clip is dropped.
-  "official"  reproduces the authors' wrapper bit for bit, including its frame layout, which
-              reads the time-major tokens as frequency-major ('b (f t) d -> b t (f d)'): each
-              output frame then mixes 5 time steps of one band, so time order is scrambled.
-              Their chunking (always a padded tail chunk) and evenly spread timestamps are
-              reproduced too. Use it only to reproduce the published numbers. (Two kinds of clip
+  "official"  reproduces the authors' HEAR wrapper of the family (`OfficialWrapper`, declared by
+              the encoder class; SSAST / SSAM / AxLSTM by default): their chunking (always a padded
+              tail chunk, padded with zeros or reflected), evenly spread timestamps from 0, and their
+              frame layout. The SSAST / SSAM / AxLSTM wrapper reads the time-major tokens as
+              frequency-major ('b (f t) d -> b t (f d)'): each output frame then mixes 5 time steps
+              of one band, so time order is scrambled; MW-MAE's wrapper keeps time order but
+              reflect-pads. Use it only to reproduce the published numbers. (Two kinds of clip
               differ from their code, in both layouts: digitally silent clips, which get zero
               features instead of a float-rounding artefact, and clips loud enough to overflow
               float32, which get finite features instead of NaN; see `LogMelFrontend`.)
@@ -47,6 +49,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -57,6 +60,33 @@ from .models.encoder import POSITION_MODES, SpectrogramEncoder
 from ._frontend import HOP_SAMPLES, SAMPLE_RATE, build_frontend
 
 LAYOUTS = ("time", "official")
+
+
+@dataclass(frozen=True)
+class OfficialWrapper:
+    """How the authors' HEAR wrapper of a family pads and lays out chunks (layout="official").
+
+    padding: "zeros" (constant, in normalised feature space) or "reflect" (numpy's reflection,
+        repeated when the padding is longer than the clip);
+    columns: "scrambled" (tokens read as frequency-major) or "time" (time order)."""
+
+    padding: str = "zeros"
+    columns: str = "scrambled"
+
+    def __post_init__(self):
+        if self.padding not in ("zeros", "reflect") or self.columns not in ("scrambled", "time"):
+            raise ValueError(f"unknown official wrapper {self}")
+
+
+def reflect_pad(features: torch.Tensor, length: int) -> torch.Tensor:
+    """[n, frames, bins] -> [n, length, bins] extended by numpy-style reflection (jnp.pad "reflect",
+    which reflects again when the padding is longer than the clip, unlike torch's reflect pad)."""
+    frames = features.shape[1]
+    if frames == 1:
+        return features.expand(-1, length, -1)
+    period = 2 * (frames - 1)
+    position = torch.arange(length, device=features.device) % period
+    return features[:, torch.where(position < frames, position, period - position)]
 SEQUENCES = ("chunked", "full")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 COMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -113,6 +143,8 @@ class HearModel(nn.Module):
         self.column_samples = self.column_frames * HOP_SAMPLES  # 640 (40 ms) or 2560 (160 ms)
         self.hop_ms = 1000.0 * self.column_samples / SAMPLE_RATE
         self.first_centre_ms = self.frontend.first_column_centre_ms(self.column_frames)
+        # the family's own wrapper, declared on its encoder class as a dict of OfficialWrapper fields
+        self.official_wrapper = OfficialWrapper(**getattr(encoder, "official_wrapper", {}))
 
     @property
     def max_batch_chunks(self) -> int:
@@ -171,6 +203,7 @@ class HearModel(nn.Module):
             return
         num_clips, num_samples = audio.shape
         chunks, columns = self.plan(num_samples)
+        wrapper = self.official_wrapper
         if self.layout == "official":
             region = chunks * self.chunk_frames
         else:  # whole columns, padded up to the multiple the encoder needs
@@ -181,7 +214,9 @@ class HearModel(nn.Module):
         for clip_start in range(0, num_clips, clips_per_call):
             clips = audio[clip_start:clip_start + clips_per_call].to(device)
             features = self.frontend.to(device)(clips)  # [c, frames, bins]
-            if features.shape[1] < region:
+            if features.shape[1] < region and self.layout == "official" and wrapper.padding == "reflect":
+                features = reflect_pad(features, region)
+            elif features.shape[1] < region:
                 padding = (0, 0, 0, region - features.shape[1])
                 features = torch.nn.functional.pad(features, padding, value=self.frontend.padding_value())
             # frames past the last column (e.g. a lone frame at an exact multiple of 40 ms) are dropped
@@ -221,7 +256,7 @@ class HearModel(nn.Module):
         k, _, dim = tokens.shape
         f = self.encoder.config.grid_freq
         t = tokens.shape[1] // f
-        if self.layout == "official":
+        if self.layout == "official" and self.official_wrapper.columns == "scrambled":
             return tokens.reshape(k, f, t, dim).transpose(1, 2).reshape(k, t, f * dim)
         return tokens.reshape(k, t, f * dim)
 

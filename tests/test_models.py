@@ -21,7 +21,8 @@ PARAMS = {
 
 def test_list_models_names_every_preset():
     ssamba = ["ssamba_tiny", "ssamba_small", "ssamba_base"]  # keys and counts: tests/test_ssamba.py
-    assert hear_msm.list_models() == list(PARAMS) + ssamba
+    mwmae = [f"mwmae_{size}" for size in ("tiny", "small", "medium", "base", "large", "huge")] + ["mae_base"]
+    assert hear_msm.list_models() == list(PARAMS) + ssamba + mwmae  # MW-MAE counts: tests/test_mwmae.py
     assert hear_msm.list_models("ssam_*") == ["ssam_tiny", "ssam_small", "ssam_base"]
     assert hear_msm.list_models("ssamba_*") == ssamba
 

@@ -5,4 +5,4 @@ final norm, the masked-spectrogram objective); a family file adds its residual b
 config and its size presets. Importing this package registers every family, in the order of
 `hear_msm.list_models()`.
 """
-from . import transformer, mamba, xlstm, ssamba  # noqa: F401  isort: skip  (registration order = list order)
+from . import transformer, mamba, xlstm, ssamba, mwmae  # noqa: F401  isort: skip  (registration order = list order)

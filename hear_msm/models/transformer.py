@@ -48,25 +48,28 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """Linear -> GELU -> Linear; `gelu_approximate` "none" (exact erf) or "tanh" (Flax's `nn.gelu`)."""
+
+    def __init__(self, dim: int, hidden: int, gelu_approximate: str = "none"):
         super().__init__()
         self.layer1 = nn.Linear(dim, hidden)
         self.layer2 = nn.Linear(hidden, dim)
+        self.gelu_approximate = gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer2(F.gelu(self.layer1(x)))
+        return self.layer2(F.gelu(self.layer1(x), approximate=self.gelu_approximate))
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm ViT block: x + attn(norm1(x)), then + mlp(norm2(.))."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, gelu_approximate: str = "none"):
         super().__init__()
         dim = config.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
         self.attn = Attention(dim, config.num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
-        self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio), gelu_approximate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
