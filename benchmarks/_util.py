@@ -63,3 +63,35 @@ def progress(done: int, total: int, label: str) -> None:
     print(f"\r[{bar:<30}] {done}/{total} {label[:50]:<50}", end="", file=sys.stderr, flush=True)
     if done == total:
         print(file=sys.stderr)
+
+
+def points_in_fresh_processes(script: str, jobs: list[tuple[str, float]], size_key: str, extra_args: list[str],
+                              max_seconds: float) -> list[dict]:
+    """Run `script --one MODEL SIZE *extra_args` once per job in a new Python process (so its peak
+    RSS belongs to that point alone) and collect the JSON line each prints. A point whose time,
+    extrapolated from the model's previous one (quadratic for attention, linear otherwise), would
+    exceed `max_seconds` is skipped, as are the points after a model's first failure or skip."""
+    import json
+    import subprocess
+
+    rows = []
+    for i, (arch, size) in enumerate(jobs):
+        progress(i, len(jobs), f"{arch} {size:g}")
+        previous = [r for r in rows if r["model"] == arch and r.get("time_s")]
+        if previous:
+            last, power = previous[-1], 2 if arch.startswith("ssast") else 1
+            if last["time_s"] * (size / last[size_key]) ** power > max_seconds:
+                rows.append({"model": arch, size_key: size, "time_s": None, "note": "skipped (predicted too slow)"})
+                continue
+        if any(r["model"] == arch and r.get("note") for r in rows):
+            rows.append({"model": arch, size_key: size, "time_s": None, "note": "skipped"})
+            continue
+        result = subprocess.run([sys.executable, script, "--one", arch, str(size), *extra_args],
+                                capture_output=True, text=True)
+        if result.returncode:
+            rows.append({"model": arch, size_key: size, "time_s": None,
+                         "note": "failed: " + result.stderr.strip().splitlines()[-1][:80]})
+            continue
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    progress(len(jobs), len(jobs), "done")
+    return rows

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 
 import torch
@@ -63,29 +61,10 @@ def main():
     if args.one:
         print(json.dumps(one_point(args.one[0], float(args.one[1]), args.threads)))
         return
-    from _util import progress, table, write_json
+    from _util import points_in_fresh_processes, table, write_json
 
-    rows, jobs = [], [(m, s) for m in args.models for s in args.lengths]
-    for i, (arch, seconds) in enumerate(jobs):
-        progress(i, len(jobs), f"{arch} {seconds:g} s")
-        previous = [r for r in rows if r["model"] == arch and r.get("time_s")]
-        if previous:  # predict from the last point: quadratic for attention, linear otherwise
-            last = previous[-1]
-            power = 2 if arch.startswith("ssast") else 1
-            if last["time_s"] * (seconds / last["seconds_audio"]) ** power > args.max_seconds:
-                rows.append({"model": arch, "seconds_audio": seconds, "time_s": None, "note": "skipped (predicted too slow)"})
-                continue
-        if any(r["model"] == arch and r.get("note") for r in rows):
-            rows.append({"model": arch, "seconds_audio": seconds, "time_s": None, "note": "skipped"})
-            continue
-        result = subprocess.run([sys.executable, __file__, "--one", arch, str(seconds), "--threads", str(args.threads)],
-                                capture_output=True, text=True)
-        if result.returncode:
-            rows.append({"model": arch, "seconds_audio": seconds, "time_s": None,
-                         "note": "failed: " + result.stderr.strip().splitlines()[-1][:80]})
-            continue
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    progress(len(jobs), len(jobs), "done")
+    jobs = [(m, s) for m in args.models for s in args.lengths]
+    rows = points_in_fresh_processes(__file__, jobs, "seconds_audio", ["--threads", str(args.threads)], args.max_seconds)
     for row in rows:
         one_minute = next((r for r in rows if r["model"] == row["model"] and r["seconds_audio"] == 60 and r.get("time_s")), None)
         if one_minute and row.get("time_s"):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 
 import torch
@@ -62,25 +60,11 @@ def main():
     if args.one:
         print(json.dumps(one_point(args.one[0], int(args.one[1]), args.threads, args.batch)))
         return
-    from _util import progress, table, write_json
+    from _util import points_in_fresh_processes, table, write_json
 
-    rows, jobs = [], [(m, t) for m in args.models for t in args.tokens]
-    for i, (arch, tokens) in enumerate(jobs):
-        progress(i, len(jobs), f"{arch} {tokens} tokens")
-        previous = [r for r in rows if r["model"] == arch and r.get("time_s")]
-        if previous:
-            last, power = previous[-1], 2 if arch.startswith("ssast") else 1
-            if last["time_s"] * (tokens / last["tokens"]) ** power > args.max_seconds:
-                rows.append({"model": arch, "tokens": tokens, "time_s": None, "note": "skipped (predicted too slow)"})
-                continue
-        result = subprocess.run([sys.executable, __file__, "--one", arch, str(tokens), "--threads", str(args.threads),
-                                 "--batch", str(args.batch)], capture_output=True, text=True)
-        if result.returncode:
-            rows.append({"model": arch, "tokens": tokens, "time_s": None,
-                         "note": "failed: " + result.stderr.strip().splitlines()[-1][:80]})
-            continue
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    progress(len(jobs), len(jobs), "done")
+    jobs = [(m, t) for m in args.models for t in args.tokens]
+    rows = points_in_fresh_processes(__file__, jobs, "tokens", ["--threads", str(args.threads), "--batch",
+                                                               str(args.batch)], args.max_seconds)
     ratios = []
     for tokens in args.tokens:
         pair = {r["model"]: r for r in rows if r["tokens"] == tokens and r.get("time_s")}

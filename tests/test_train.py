@@ -203,16 +203,22 @@ def test_plot_loss(audio_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ robustness
-def test_nan_loss_stops_with_last_good_checkpoint_intact(audio_dir, tmp_path, monkeypatch):
+
+def _nan_loss_at_call(call: int, monkeypatch) -> None:
+    """Make the `call`-th reconstruction loss NaN (a diverging step), every other one as computed."""
     real = hear_msm.MaskedSpectrogramModel.reconstruction_loss
     calls = []
 
     def flaky(self, *args, **kwargs):
         calls.append(1)
         loss = real(self, *args, **kwargs)
-        return loss * float("nan") if len(calls) == 5 else loss
+        return loss * float("nan") if len(calls) == call else loss
 
     monkeypatch.setattr(hear_msm.MaskedSpectrogramModel, "reconstruction_loss", flaky)
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(audio_dir, tmp_path, monkeypatch):
+    _nan_loss_at_call(5, monkeypatch)
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*checkpoint.pt \(step 3, finite\)"):
         training.train(_config(audio_dir, steps=8), run)
@@ -411,15 +417,7 @@ def test_divergence_advice_is_accepted_by_resume_and_recorded(audio_dir, tmp_pat
 
     from hear_msm.cli import main
 
-    real = hear_msm.MaskedSpectrogramModel.reconstruction_loss
-    calls = []
-
-    def flaky(self, *args, **kwargs):
-        calls.append(1)
-        loss = real(self, *args, **kwargs)
-        return loss * float("nan") if len(calls) == 5 else loss
-
-    monkeypatch.setattr(hear_msm.MaskedSpectrogramModel, "reconstruction_loss", flaky)
+    _nan_loss_at_call(5, monkeypatch)
     run = tmp_path / "run"
     args = ["pretrain", "--model", "ssast_tiny", "--override", "depth=2", "--data", str(audio_dir), "--steps", "6",
             "--batch-size", "4", "--warmup-steps", "2", "--base-lr", "0.01", "--checkpoint-every", "3",
@@ -486,15 +484,7 @@ def test_non_finite_weights_are_never_checkpointed(audio_dir, tmp_path, monkeypa
 
 
 def test_new_run_after_an_early_stop_starts_a_fresh_log(audio_dir, tmp_path, monkeypatch):
-    real = hear_msm.MaskedSpectrogramModel.reconstruction_loss
-    calls = []
-
-    def flaky(self, *args, **kwargs):
-        calls.append(1)
-        loss = real(self, *args, **kwargs)
-        return loss * float("nan") if len(calls) == 3 else loss
-
-    monkeypatch.setattr(hear_msm.MaskedSpectrogramModel, "reconstruction_loss", flaky)
+    _nan_loss_at_call(3, monkeypatch)
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="No checkpoint was written yet: run the same command again"):
         training.train(_config(audio_dir, steps=4, checkpoint_every=100), run)
