@@ -111,6 +111,12 @@ class _DropFirstFrame(nn.Module):
     def forward(self, audio):
         return self.frontend(audio)[:, 1:]
 
+    def num_frames(self, num_samples):
+        return self.frontend.num_frames(num_samples)  # the runtime still plans the correct chunks
+
+    def padding_value(self):
+        return self.frontend.padding_value()
+
 
 class _Reversed(nn.Module):
     def __init__(self, mixer):
