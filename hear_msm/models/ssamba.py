@@ -419,15 +419,16 @@ class SSAMBAPretrainingModel(nn.Module):
         if discriminative_weight <= 0 and generative_weight <= 0:
             raise ValueError("SSAMBA's objective needs discriminative_weight or generative_weight above 0")
         masks = self._check_masks(spectrogram, mask)
-        target = self._patches(spectrogram).float()
+        compute = torch.promote_types(spectrogram.dtype, torch.float32)  # float32 under autocast, float64 kept
+        target = self._patches(spectrogram).to(compute)
         if patch_normalized_targets:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
-        loss = spectrogram.new_zeros((), dtype=torch.float32)
+        loss = spectrogram.new_zeros((), dtype=compute)
         if discriminative_weight > 0:
             index = masked_indices(masks[:, 0])
             encoded = self.encode_masked(spectrogram, masks[:, 0], decoder)[:, 1:]
-            prediction = self.cpredlayer(gather_tokens(encoded, index)).float()
+            prediction = self.cpredlayer(gather_tokens(encoded, index)).to(compute)
             loss = loss + discriminative_weight * ssast_infonce(prediction, gather_tokens(target, index))
         if generative_weight > 0:
             encoded = self.encode_masked(spectrogram, masks[:, 1], decoder)[:, 1:]
@@ -436,7 +437,7 @@ class SSAMBAPretrainingModel(nn.Module):
                 encoded, generative_target = gather_tokens(encoded, index), gather_tokens(target, index)
             else:
                 generative_target = target
-            loss = loss + generative_weight * (self.gpredlayer(encoded).float() - generative_target).pow(2).mean()
+            loss = loss + generative_weight * (self.gpredlayer(encoded).to(compute) - generative_target).pow(2).mean()
         return loss
 
     def _check_masks(self, spectrogram: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
