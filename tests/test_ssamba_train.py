@@ -25,7 +25,7 @@ import hear_msm
 from hear_msm import training
 from hear_msm._frontend import KaldiFbankFrontend
 from hear_msm.models.ssamba import cluster_mask
-from hear_msm.training import TrainConfig, commands, loop
+from hear_msm.training import TrainConfig, loop
 from hear_msm.training import data as _data
 from hear_msm.training import state as run_state
 from hear_msm.training.config import RECIPES

@@ -18,6 +18,10 @@ front of every mixer hides it), and the final `norm_f` is applied twice before a
 Each mixer scans in both directions with separate weights (`conv1d_b`, `x_proj_b`, `dt_proj_b`,
 `A_b_log`, `D_b` for the reversed scan) and averages them. Parameter names are those of the Hub
 files without DataParallel's `module.` prefix; `load_hub_state_dict` loads those files strictly.
+
+Pretraining (`SSAMBAPretrainingModel`): SSAST's joint objective as SSAMBA runs it, InfoNCE + 10 x
+MSE over 400 of 512 patches masked in clusters, each term in its own masked pass, with Vim's drop
+path; the recipe's optimiser settings are in `hear_msm.training.config.RECIPES`.
 """
 from __future__ import annotations
 

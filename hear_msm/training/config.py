@@ -173,14 +173,19 @@ class _ModelFacts:
     drop_path: bool  # has `set_drop_path`
 
 
-@functools.lru_cache(maxsize=None)
 def _model_facts(model: str) -> _ModelFacts:
-    """What a run needs to know of an architecture (built on the meta device: no memory)."""
+    """What a run needs to know of an architecture; ValueError for anything but a registered name."""
+    if not isinstance(model, str):
+        raise ValueError(f"model must be an architecture name, got {model!r}")
+    return _registered_model_facts(model)
+
+
+@functools.lru_cache(maxsize=None)
+def _registered_model_facts(model: str) -> _ModelFacts:
+    """`_model_facts` of a name (the model is built on the meta device: no memory)."""
     from ..models.encoder import MASKING_MODES
     from ..models.registry import model_builder
 
-    if not isinstance(model, str):
-        raise ValueError(f"model must be an architecture name, got {model!r}")
     with torch.device("meta"):
         instance = model_builder(model)()  # ValueError naming the known models
     config = instance.config
