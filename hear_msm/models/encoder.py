@@ -398,6 +398,27 @@ class SpectrogramEncoder(nn.Module):
 MASKING_MODES = ("unstructured", "timestep")
 
 
+def random_patch_mask(batch: int, ratio: float, mode: str, grid_time: int, grid_freq: int,
+                      generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Boolean mask [batch, grid_time * grid_freq], True = masked, time-major (index t * grid_freq + f).
+
+    `unstructured`: exactly int(N * (1 - ratio)) patches kept, chosen uniformly; `timestep`: whole
+    token columns (all frequency patches of a time step), int(grid_time * (1 - ratio)) columns kept.
+    """
+    if mode not in MASKING_MODES:
+        raise ValueError(f"masking mode {mode!r} is unknown; expected one of {MASKING_MODES}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    units = grid_time * grid_freq if mode == "unstructured" else grid_time
+    keep = int(units * (1 - ratio))
+    noise = torch.rand(batch, units, generator=generator, device=device)
+    ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each unit's noise
+    mask = ranks >= keep
+    if mode == "timestep":
+        mask = mask.repeat_interleave(grid_freq, dim=1)
+    return mask
+
+
 class MaskedSpectrogramModel(SpectrogramEncoder):
     """Encoder + mask token + prediction head: the full pretraining model.
 
@@ -405,6 +426,8 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
     `blocks.3.mixer.A_log`, `mask_token`, `pred.2.weight`), which is why the objective extends
     the encoder class instead of holding it as a submodule.
     """
+
+    masking_modes = MASKING_MODES  # the `mode`s `sample_mask` accepts
 
     def __init__(self, config: EncoderConfig, block_factory: Callable[[int], nn.Module]):
         super().__init__(config, block_factory)
@@ -421,23 +444,9 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
 
     def sample_mask(self, batch: int, ratio: float, mode: str = "unstructured",
                     generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """Boolean mask [batch, N], True = masked; exactly int(N * (1 - ratio)) patches kept.
-
-        `timestep` masks whole 40 ms columns (all frequency patches of a time step).
-        """
-        if mode not in MASKING_MODES:
-            raise ValueError(f"masking mode {mode!r} is unknown; expected one of {MASKING_MODES}")
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+        """Boolean mask [batch, N], True = masked, time-major; see `random_patch_mask`."""
         cfg = self.config
-        units = cfg.num_patches if mode == "unstructured" else cfg.grid_time
-        keep = int(units * (1 - ratio))
-        noise = torch.rand(batch, units, generator=generator, device=device)
-        ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each unit's noise
-        mask = ranks >= keep
-        if mode == "timestep":
-            mask = mask.repeat_interleave(cfg.grid_freq, dim=1)
-        return mask
+        return random_patch_mask(batch, ratio, mode, cfg.grid_time, cfg.grid_freq, generator, device)
 
     def forward(self, spectrogram: torch.Tensor, mask: torch.Tensor,
                 decoder: nn.Module | None = None) -> torch.Tensor:
@@ -455,16 +464,17 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
 
     def reconstruction_loss(self, spectrogram: torch.Tensor, mask: torch.Tensor,
                             masked_only: bool = False, patch_normalized_targets: bool = False,
-                            discriminative_weight: float = 0.0,
+                            discriminative_weight: float = 0.0, generative_weight: float = 1.0,
                             decoder: nn.Module | None = None) -> torch.Tensor:
-        """MSE between predictions and patch targets, over all patches or the masked ones.
+        """generative_weight x MSE between predictions and patch targets, over all patches or the
+        masked ones (the official recipe: weight 1, MSE only).
 
         Options beyond the official (MSE-only) recipe:
         `patch_normalized_targets`: each target patch is standardised by its own mean and std (MAE's
         normalised-pixel targets), so the model predicts the shape of the spectrum inside a patch
         (harmonic pattern, onset) rather than its level.
-        `discriminative_weight` w > 0: loss = MSE + w * InfoNCE, SSAST's joint objective (Gong et
-        al. use InfoNCE + 10 x MSE, i.e. w = 0.1). Each masked patch's prediction must pick its
+        `discriminative_weight` w > 0: loss = generative_weight x MSE + w x InfoNCE, SSAST's joint
+        objective (Gong et al. use InfoNCE + 10 x MSE, i.e. w = 0.1 at generative_weight 1). Each masked patch's prediction must pick its
         own target out of all masked targets of the same clip (dot-product logits, cross-entropy); this rewards
         predictions that are specific to their patch instead of a blurred average of the clip.
         `decoder`: a training-only module between encoder and head (see `forward`).
@@ -476,6 +486,7 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
             target = (target - mean) / (var + 1e-6).sqrt()
         error = (prediction - target).pow(2).mean(dim=-1)  # [B, N]
         loss = (error * mask).sum() / mask.sum().clamp_min(1) if masked_only else error.mean()
+        loss = generative_weight * loss
         if discriminative_weight > 0:
             loss = loss + discriminative_weight * masked_patch_infonce(prediction, target, mask)
         return loss

@@ -18,6 +18,10 @@ front of every mixer hides it), and the final `norm_f` is applied twice before a
 Each mixer scans in both directions with separate weights (`conv1d_b`, `x_proj_b`, `dt_proj_b`,
 `A_b_log`, `D_b` for the reversed scan) and averages them. Parameter names are those of the Hub
 files without DataParallel's `module.` prefix; `load_hub_state_dict` loads those files strictly.
+
+Pretraining (`SSAMBAPretrainingModel`): SSAST's joint objective as SSAMBA runs it, InfoNCE + 10 x
+MSE over 400 of 512 patches masked in clusters, each term in its own masked pass, with Vim's drop
+path; the recipe's optimiser settings are in `hear_msm.training.config.RECIPES`.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from torch import nn
 
 from ..ops import selective_scan as scan_ops
 from ..ops.selective_scan import KERNELS
+from .encoder import MASKING_MODES, random_patch_mask
 from .mamba import MambaConfig, MambaMixer, fused_cuda_scan
 from .registry import register_family, register_model
 
@@ -146,19 +151,33 @@ class BiMambaMixer(MambaMixer):
         self.D_b.fill_(1.0)
 
 
+def drop_path(branch: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth as timm's DropPath (Vim's blocks use it): in training, each clip's branch
+    [B, ...] is zeroed with probability `rate` and otherwise scaled by 1 / (1 - rate). Draws from
+    torch's global generator (the training loop seeds it per step)."""
+    if rate == 0.0 or not training:
+        return branch
+    keep = 1.0 - rate
+    kept = branch.new_empty(branch.shape[0], *(1,) * (branch.ndim - 1)).bernoulli_(keep).div_(keep)
+    return branch * kept
+
+
 class VimBlock(nn.Module):
     """Vim's "Add -> LayerNorm -> Mixer" block on (hidden, residual) pairs (no fused add-norm).
 
-    residual' = hidden (first block) or residual + hidden; returns (mixer(LayerNorm(residual')), residual').
+    residual' = hidden (first block) or residual + drop_path(hidden); returns
+    (mixer(LayerNorm(residual')), residual'). `drop_path_rate` is a training setting (0 unless
+    `SSAMBAEncoder.set_drop_path` sets it), not part of the architecture.
     """
 
     def __init__(self, config: SSAMBAConfig, kernel: str = "auto"):
         super().__init__()
         self.mixer = BiMambaMixer(config, kernel)
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps)
+        self.drop_path_rate = 0.0
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        residual = hidden if residual is None else residual + hidden
+        residual = hidden if residual is None else residual + drop_path(hidden, self.drop_path_rate, self.training)
         return self.mixer(self.norm(residual)), residual
 
 
@@ -195,6 +214,18 @@ class SSAMBAEncoder(nn.Module):
             self.head = nn.Linear(dim, head_classes)
         self.layers = nn.ModuleList(VimBlock(config, kernel) for _ in range(config.depth))
         self.norm_f = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.drop_path_rate = 0.0  # stochastic depth of the last residual add (see set_drop_path)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth for training, as Vim spreads `drop_path_rate` (SSAMBA's script: 0.1): layer i
+        drops its incoming branch with probability ([0] + linspace(0, rate, depth))[i], the final
+        residual add with `rate`. Active in training mode only."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        rates = [0.0] + [value.item() for value in torch.linspace(0, rate, self.config.depth)]
+        for layer, layer_rate in zip(self.layers, rates):
+            layer.drop_path_rate = layer_rate
+        self.drop_path_rate = rate
 
     def check_input(self, spectrogram: torch.Tensor) -> int:
         """Validates [B, 1, T, num_mels], T a positive multiple of 16 up to num_frames; returns T/16."""
@@ -230,8 +261,8 @@ class SSAMBAEncoder(nn.Module):
             hidden_f, residual_f = forward_layer(hidden, residual)
             hidden_b, residual_b = backward_layer(hidden.flip(1), None if residual is None else residual.flip(1))
             hidden = hidden_f + hidden_b.flip(1)
-            residual = residual_f + residual_b.flip(1)  # = 2 * residual_f: the authors' sum, kept
-        return residual + hidden
+            residual = residual_f + residual_b.flip(1)  # = 2 * residual_f (without drop path): the authors' sum, kept
+        return residual + drop_path(hidden, self.drop_path_rate, self.training)
 
     def encode(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """Frequency-major tokens [B, N, D] -> outputs [B, 1 + N, D] as the heads read them (CLS first):
@@ -241,10 +272,20 @@ class SSAMBAEncoder(nn.Module):
     def forward_features(self, spectrogram: torch.Tensor) -> torch.Tensor:
         """[B, 1, T, 128] normalised fbank (T a multiple of 16, <= 1024) -> patch tokens
         [B, (T/16) * 8, D] in TIME-major order (index t * 8 + f); the CLS output is dropped."""
-        columns = self.check_input(spectrogram)
-        tokens = self.encode(self.patch_embed(spectrogram))[:, 1:]
-        batch, dim = tokens.shape[0], tokens.shape[2]
-        return tokens.view(batch, self.config.grid_freq, columns, dim).transpose(1, 2).reshape(batch, -1, dim)
+        self.check_input(spectrogram)
+        return self.freq_major_to_time_major(self.encode(self.patch_embed(spectrogram))[:, 1:])
+
+    def freq_major_to_time_major(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] in the encoder's order (index f * columns + t) -> time-major (index t * 8 + f)."""
+        batch, length, channels = tokens.shape
+        grid = tokens.reshape(batch, self.config.grid_freq, length // self.config.grid_freq, channels)
+        return grid.transpose(1, 2).reshape(batch, length, channels)
+
+    def time_major_to_freq_major(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The inverse of `freq_major_to_time_major`."""
+        batch, length, channels = tokens.shape
+        grid = tokens.reshape(batch, length // self.config.grid_freq, self.config.grid_freq, channels)
+        return grid.transpose(1, 2).reshape(batch, length, channels)
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         return self.forward_features(spectrogram)
@@ -268,9 +309,23 @@ class SSAMBAPretrainingModel(nn.Module):
     """Everything a Hub file holds: the encoder `v` (with Vim's unused head) and SSAST's pretraining
     parts, `mask_embed` and the discriminative / generative heads `cpredlayer` / `gpredlayer`
     (Linear -> ReLU -> Linear to the 256 values of a 16x16 patch). Its `state_dict()` keys are the
-    Hub keys without `module.`; `p_input_fdim` / `p_input_tdim` (int64) record the input size."""
+    Hub keys without `module.`; `p_input_fdim` / `p_input_tdim` (int64) record the input size.
+
+    The training interface the loop calls on every model (`sample_mask`, `reconstruction_loss`,
+    `patchify`) computes SSAMBA's joint objective, SSAST's `pretrain_joint` as SSAMBA's
+    `traintest_mask.py` runs it: two masked passes over each batch, each with its own mask,
+
+        loss = discriminative_weight x InfoNCE(cpredlayer, pass 1) + generative_weight x MSE(gpredlayer, pass 2)
+
+    (their weights 1 and 10). In each pass the patch tokens of the masked patches are replaced by
+    `mask_embed` before CLS and positions are added, the encoder runs on frequency-major tokens,
+    and the heads read its outputs after the double `norm_f`. The targets are the normalised fbank
+    values of each patch, 16 mel bins x 16 frames, mel-major inside (their `nn.Unfold` on [B, 1, F, T]).
+    Masks and targets seen from outside are time-major, as for every model.
+    """
 
     takes_shorter_inputs = True
+    masking_modes = ("cluster",) + MASKING_MODES  # "cluster": SSAST's patch masking, SSAMBA's
 
     def __init__(self, config: SSAMBAConfig, kernel: str = "auto"):
         super().__init__()
@@ -292,6 +347,112 @@ class SSAMBAPretrainingModel(nn.Module):
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         return self.forward_features(spectrogram)
 
+    # ------------------------------------------------------------------ pretraining
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth of the encoder in training (`SSAMBAEncoder.set_drop_path`)."""
+        self.v.set_drop_path(rate)
+
+    def parameters_unused_by(self, discriminative_weight: float, generative_weight: float, **_) -> list[nn.Parameter]:
+        """Parameters the objective with these weights never reaches: Vim's classification head (in
+        the Hub files, never trained by SSAMBA) and the head of an objective weighted 0. The training
+        loop freezes them, so that the optimizer and DDP skip them as SSAMBA's optimizer did (no gradient)."""
+        unused = list(self.v.head.parameters()) if hasattr(self.v, "head") else []
+        if discriminative_weight == 0:
+            unused += list(self.cpredlayer.parameters())
+        if generative_weight == 0:
+            unused += list(self.gpredlayer.parameters())
+        return unused
+
+    def sample_mask(self, batch: int, ratio: float, mode: str = "cluster",
+                    generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Boolean masks [batch, 2, N], True = masked, time-major: [:, 0] for the discriminative pass,
+        [:, 1] for the generative one, drawn independently.
+
+        "cluster" (SSAMBA's): N - int(N * (1 - ratio)) patches (400 of 512 at ratio 400/512) in
+        square clusters, see `cluster_mask`; "unstructured" / "timestep": as for every model
+        (`random_patch_mask`; SSAST's frame masking is "unstructured").
+        """
+        cfg = self.config
+        if mode not in self.masking_modes:
+            raise ValueError(f"masking mode {mode!r} is unknown; expected one of {self.masking_modes}")
+        if mode != "cluster":
+            masks = random_patch_mask(2 * batch, ratio, mode, cfg.grid_time, cfg.grid_freq, generator, device)
+            return masks.view(batch, 2, cfg.num_patches)
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+        count = cfg.num_patches - int(cfg.num_patches * (1 - ratio))
+        masks = torch.stack([cluster_mask(count, cfg.grid_freq, cfg.grid_time, generator) for _ in range(2 * batch)])
+        return self.v.freq_major_to_time_major(masks[..., None])[..., 0].view(batch, 2, cfg.num_patches).to(device)
+
+    def patchify(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, F] -> targets [B, N, 256], time-major (index t * 8 + f); inside a patch the 16 x 16
+        values are mel-major (index mel * 16 + frame), as SSAMBA's `nn.Unfold` over [B, 1, F, T] orders them."""
+        return self.v.freq_major_to_time_major(self._patches(spectrogram))
+
+    def _patches(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, F] -> patch values [B, N, 256] in the encoder's frequency-major order."""
+        cfg = self.config
+        columns = self.v.check_input(spectrogram)
+        grid = spectrogram[:, 0].transpose(1, 2).reshape(  # [B, F/16, 16, T/16, 16]
+            spectrogram.shape[0], cfg.grid_freq, cfg.patch_mels, columns, cfg.patch_frames)
+        return grid.permute(0, 1, 3, 2, 4).reshape(spectrogram.shape[0], cfg.grid_freq * columns, cfg.patch_dim)
+
+    def encode_masked(self, spectrogram: torch.Tensor, mask: torch.Tensor,
+                      decoder: nn.Module | None = None) -> torch.Tensor:
+        """[B, 1, T, F], mask [B, N] frequency-major (True = masked) -> outputs [B, 1 + N, D] (CLS first,
+        frequency-major) after the double norm_f: masked patch tokens replaced by `mask_embed`
+        before CLS and positions are added, as SSAST's `mpc` / `mpg` do."""
+        tokens = self.v.patch_tokens(spectrogram)
+        tokens = torch.where(mask[..., None], self.mask_embed.to(tokens.dtype), tokens)
+        encoded = self.v.encode(tokens)
+        return decoder(encoded) if decoder is not None else encoded
+
+    def reconstruction_loss(self, spectrogram: torch.Tensor, mask: torch.Tensor, masked_only: bool = True,
+                            patch_normalized_targets: bool = False, discriminative_weight: float = 1.0,
+                            generative_weight: float = 10.0, decoder: nn.Module | None = None) -> torch.Tensor:
+        """SSAMBA's joint objective (see the class docstring) on [B, 1, T, F] with masks [B, 2, N] from
+        `sample_mask` (time-major; [:, 0] discriminative pass, [:, 1] generative pass).
+
+        InfoNCE: for each masked patch of a clip, the log-softmax over that clip's masked predictions
+        of (target . prediction), taken at its own prediction, averaged over clips and patches
+        (SSAST's `mpc`, which normalises over predictions, not over targets). MSE: over the masked
+        patches (`masked_only`, theirs) or over all. A pass whose weight is 0 is skipped.
+        `patch_normalized_targets` standardises each target patch (not SSAMBA's recipe).
+        `decoder`: a training-only module between the encoder and the heads.
+        """
+        if discriminative_weight <= 0 and generative_weight <= 0:
+            raise ValueError("SSAMBA's objective needs discriminative_weight or generative_weight above 0")
+        masks = self._check_masks(spectrogram, mask)
+        compute = torch.promote_types(spectrogram.dtype, torch.float32)  # float32 under autocast, float64 kept
+        target = self._patches(spectrogram).to(compute)
+        if patch_normalized_targets:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        loss = spectrogram.new_zeros((), dtype=compute)
+        if discriminative_weight > 0:
+            index = masked_indices(masks[:, 0])
+            encoded = self.encode_masked(spectrogram, masks[:, 0], decoder)[:, 1:]
+            prediction = self.cpredlayer(gather_tokens(encoded, index)).to(compute)
+            loss = loss + discriminative_weight * ssast_infonce(prediction, gather_tokens(target, index))
+        if generative_weight > 0:
+            encoded = self.encode_masked(spectrogram, masks[:, 1], decoder)[:, 1:]
+            if masked_only:
+                index = masked_indices(masks[:, 1])
+                encoded, generative_target = gather_tokens(encoded, index), gather_tokens(target, index)
+            else:
+                generative_target = target
+            loss = loss + generative_weight * (self.gpredlayer(encoded).to(compute) - generative_target).pow(2).mean()
+        return loss
+
+    def _check_masks(self, spectrogram: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Time-major masks [B, 2, N] -> frequency-major, after checking shape and dtype."""
+        columns = self.v.check_input(spectrogram)
+        expected = (spectrogram.shape[0], 2, columns * self.config.grid_freq)
+        if mask.dtype != torch.bool or tuple(mask.shape) != expected:
+            raise ValueError(f"SSAMBA's objective takes boolean masks [batch, 2, patches] = {list(expected)} "
+                             f"(one per pass, from sample_mask); got {mask.dtype} {list(mask.shape)}")
+        return self.v.time_major_to_freq_major(mask.flatten(0, 1)[..., None])[..., 0].view(expected)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.v.reset_parameters()
@@ -299,6 +460,63 @@ class SSAMBAPretrainingModel(nn.Module):
         for head in (self.cpredlayer, self.gpredlayer):
             head[0].reset_parameters()
             head[2].reset_parameters()
+
+
+def cluster_mask(count: int, grid_freq: int, grid_time: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """SSAST's cluster masking (`gen_maskid_patch`, which SSAMBA's pretraining uses): boolean
+    [grid_freq * grid_time], frequency-major (index f * grid_time + t), exactly `count` True.
+
+    A cluster side s is drawn once per mask from {3, 4, 5}; clusters are added at uniform random
+    starts, each covering the indices start + grid_time * i + j (i, j < s: s frequency rows by s
+    time columns, wrapping into the next row at the right edge, as theirs), except index 0 and
+    indices past the end, until more than `count` distinct patches are covered; the `count` lowest
+    indices are kept (their set of Python ints iterates in ascending order at these sizes). So patch 0
+    is never masked, as in their code. `count` must be at most N - 2 (index 0 is never masked).
+    """
+    total = grid_freq * grid_time
+    if not 1 <= count <= total - 2:
+        raise ValueError(f"cluster masking covers 1 to {total - 2} of {total} patches, asked for {count}; "
+                         "lower the mask ratio")
+    side = 3 + int(torch.randint(3, (1,), generator=generator))
+    rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    offsets = (rows * grid_time + columns).flatten()
+    first_cover = torch.full((total,), torch.iinfo(torch.int64).max)  # index of the first cluster covering each patch
+    drawn = 0
+    while True:  # clusters in batches; the union after cluster k is {patches whose first_cover <= k}
+        starts = torch.randint(total, (total,), generator=generator)
+        candidates = starts[:, None] + offsets[None, :]
+        number = (drawn + torch.arange(total))[:, None].expand_as(candidates)
+        inside = (candidates > 0) & (candidates < total)
+        first_cover.scatter_reduce_(0, candidates[inside], number[inside], "amin")
+        drawn += total
+        # the loop of theirs stops at the first cluster after which more than `count` are covered
+        last = first_cover.sort().values[count]
+        if last < drawn:
+            break
+    mask = first_cover <= last
+    mask[mask.nonzero()[count:, 0]] = False  # keep the `count` lowest indices
+    return mask
+
+
+def masked_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, N] with the same number M >= 1 of True per row -> their indices [B, M], ascending."""
+    counts = mask.sum(dim=1)
+    if counts.numel() == 0 or int(counts.min()) == 0 or bool((counts != counts[0]).any()):
+        raise ValueError(f"SSAMBA's objective needs the same number (>= 1) of masked patches in every clip, "
+                         f"got {counts.tolist()}")
+    return mask.nonzero()[:, 1].view(mask.shape[0], int(counts[0]))
+
+
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tokens [B, N, C], index [B, M] -> tokens[b, index[b]] [B, M, C]."""
+    return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
+def ssast_infonce(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SSAST's masked patch InfoNCE: prediction, target [B, M, P] of the M masked patches of each clip
+    -> -mean over clips and patches j of log_softmax_k(target_j . prediction_k) at k = j."""
+    logits = target @ prediction.transpose(1, 2)  # [B, M targets, M predictions]
+    return -logits.log_softmax(dim=-1).diagonal(dim1=1, dim2=2).mean()
 
 
 # ------------------------------------------------------------------------------------ Hub files

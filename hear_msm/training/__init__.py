@@ -5,12 +5,16 @@
     hear-msm pretrain --out RUN --resume          # continue a stopped or killed run
     hear-msm plot-loss RUN                        # RUN/loss.png from RUN/log.csv
 
-The recipe (defaults = the official one, Yadav et al. after SSAST): random 2 s crops of per-clip
-normalised log-mel; 50% of the 250 patches masked (`unstructured`, or whole 40 ms columns with
-`timestep`) and replaced by the mask token, the encoder sees all tokens; MSE against the
-normalised patch values over all patches (`masked_only_loss` for the masked ones); AdamW
-betas (0.9, 0.95), weight decay 0.05 except biases, norms, positions and the cls/mask tokens;
-lr = base_lr * batch / 256, linear warm-up then cosine decay; fp16 autocast + GradScaler on CUDA.
+Each family pretrains with its authors' recipe by default (`config.RECIPES`; flags override it).
+SSAST / SSAM / AxLSTM (Yadav et al., after SSAST): random 2 s crops of per-clip normalised
+log-mel; 50% of the 250 patches masked (`unstructured`, or whole 40 ms columns with `timestep`)
+and replaced by the mask token, the encoder sees all tokens; MSE against the normalised patch
+values over all patches (`masked_only_loss` for the masked ones); AdamW betas (0.9, 0.95), weight
+decay 0.05 except biases, norms, positions and the cls/mask tokens; lr = base_lr * batch / 256,
+linear warm-up then cosine decay; fp16 autocast + GradScaler on CUDA.
+SSAMBA (Shams et al.): 10.24 s crops of Kaldi fbank; 400 of 512 patches masked in clusters;
+InfoNCE + 10 x MSE over the masked patches in two masked passes; drop path 0.1; AdamW betas
+(0.95, 0.999), weight decay 5e-8, lr 1e-4 at batch 64 after 1000 warm-up steps, constant; fp32.
 
 DDP is detected from the torchrun environment (WORLD_SIZE > 1): nccl on GPU, gloo on CPU; each
 rank reads its own shards (`data.EpochSampler`); only rank 0 logs and writes. A run folder holds
@@ -19,8 +23,8 @@ rank reads its own shards (`data.EpochSampler`); only rank 0 logs and writes. A 
 `checkpoint_every` steps and at the end: model, optimizer, scheduler, scaler, step, RNG states,
 sampler position), `log.csv` and, when finished, `final/` (config.json + model.safetensors,
 loadable with `hear_msm.load_model`). Every file is replaced atomically (`hear_msm._files.atomic_write`).
-Every random draw (init, crops, order, masks) is a function of (seed, step, rank), so a resumed run
-ends with the same weights as an uninterrupted one on a deterministic device.
+Every random draw (init, crops, order, masks, drop path) is a function of (seed, step, rank), so a
+resumed run ends with the same weights as an uninterrupted one on a deterministic device.
 
 All arguments are checked before training starts (`TrainConfig.__post_init__`, `schedule_steps`):
 steps, epochs and batch positive, warm-up non-negative and shorter than the run, min_lr at most

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .._files import write_text_atomic
 from . import run_folder
-from .config import TrainConfig
+from .config import RECIPES, TrainConfig
 from .export import plot_loss
 from .loop import TrainingDiverged, train
 from .state import CHECKPOINT_NAME, read_run_checkpoint
@@ -27,19 +27,18 @@ def _parse_override(text: str) -> tuple[str, object]:
 # CLI flag -> TrainConfig field; every flag defaults to None so --resume can tell what was given
 _FLAGS = {
     "model": str, "data": str, "batch_size": int, "epochs": float, "steps": int, "warmup_epochs": float,
-    "warmup_steps": int, "base_lr": float, "min_lr": float, "weight_decay": float, "grad_clip": float,
-    "mask_ratio": float, "mask_mode": str, "seed": int, "precision": str, "device": str,
+    "warmup_steps": int, "base_lr": float, "min_lr": float, "lr_schedule": str, "weight_decay": float,
+    "grad_clip": float, "mask_ratio": float, "mask_mode": str, "seed": int, "precision": str, "device": str,
     "num_workers": int, "checkpoint_every": int, "log_every": int, "kernel": str, "export_dtype": str,
-    "min_seconds": float, "max_clip_seconds": float, "discriminative_weight": float, "decoder_depth": int,
+    "min_seconds": float, "max_clip_seconds": float, "discriminative_weight": float,
+    "generative_weight": float, "decoder_depth": int, "drop_path_rate": float,
 }
+# on/off flags (--x / --no-x); None when not given, so that the recipe decides
+_SWITCHES = ("masked_only_loss", "patch_normalized_targets")
 
 
 def _cmd_pretrain(args) -> int:
-    given = {name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None}
-    if args.masked_only_loss:
-        given["masked_only_loss"] = True
-    if args.patch_normalized_targets:
-        given["patch_normalized_targets"] = True
+    given = {name: getattr(args, name) for name in (*_FLAGS, *_SWITCHES) if getattr(args, name) is not None}
     if args.no_progress:
         given["progress"] = False
     if args.override:
@@ -53,13 +52,37 @@ def _cmd_pretrain(args) -> int:
         missing = [flag for flag in ("model", "data") if flag not in given]
         if missing:
             raise ValueError(f"a new run needs {' and '.join('--' + m for m in missing)} (or --resume)")
-        config = TrainConfig.from_dict(given)
+        config = TrainConfig.for_model(given.pop("model"), **given)
     try:
         train(config, out, resume=args.resume)
     except TrainingDiverged as error:
         print(f"hear-msm pretrain: stopped: {error}", file=sys.stderr)
         return 3
     return 0
+
+
+def _default_help(name: str, defaults: TrainConfig) -> str:
+    """'default 1024; ssamba: 64' -- the dataclass default and every recipe that differs from it."""
+    default = getattr(defaults, name)
+    if default is None:  # steps, warmup_steps: derived from the epoch counts
+        default = "from --" + name.replace("steps", "epochs").replace("_", "-")
+    recipes = [f"{family}: {recipe[name]:g}" if isinstance(recipe[name], float) else f"{family}: {recipe[name]}"
+               for family, recipe in RECIPES.items() if name in recipe and recipe[name] != getattr(defaults, name)]
+    return "; ".join([f"default {default}"] + recipes)
+
+
+def _recipes_help() -> str:
+    """The epilog of `pretrain --help`: which defaults each family's recipe changes."""
+    import textwrap
+
+    lines = ["recipes: a new run takes the defaults of its model's family; those shown first are Yadav et al.'s",
+             "(ssast, ssam, axlstm). Crops always have the model's input length (200 frames; ssamba: 1024),",
+             "changed with --override num_frames=N."]
+    for family, recipe in RECIPES.items():
+        settings = ", ".join(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+                             for name, value in recipe.items())
+        lines += textwrap.wrap(f"{family}: {settings}", width=100, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(lines)
 
 
 def _cmd_prepare_shards(args) -> int:
@@ -88,7 +111,8 @@ def register_commands(subparsers) -> None:
     from . import __doc__ as training_doc
 
     p = subparsers.add_parser("pretrain", help="masked spectrogram pretraining (one CPU, or torchrun for DDP)",
-                              description=training_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=training_doc, epilog=_recipes_help(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.csv, final/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--model", choices=hear_msm.list_models())
@@ -100,26 +124,28 @@ def register_commands(subparsers) -> None:
         "epochs": "epochs over the data",
         "warmup_steps": "warm-up steps (wins over --warmup-epochs; fewer than the run's)",
         "min_lr": "end of the cosine decay (at most the peak lr)",
-        "base_lr": "lr = base_lr * batch / 256", "mask_mode": "unstructured | timestep",
+        "base_lr": "lr = base_lr * batch / 256", "mask_mode": "unstructured | timestep | cluster (SSAMBA)",
+        "lr_schedule": "after the warm-up: cosine (decay to --min-lr) | constant",
         "precision": "auto (fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16", "device": "auto | cpu | cuda[:i]",
         "kernel": "per family: SSAST auto|reference; SSAM, SSAMBA auto|cuda|cpu|reference; AxLSTM auto|cpu|fused|reference",
         "export_dtype": "dtype of final/model.safetensors",
         "min_seconds": "skip shorter files", "max_clip_seconds": "read longer files as a random segment this long",
-        "discriminative_weight": "add w x InfoNCE over masked patches (SSAST's joint objective; not the official recipe)",
+        "discriminative_weight": "w x InfoNCE over masked patches (SSAST's joint objective)",
+        "generative_weight": "weight of the MSE term",
+        "drop_path_rate": "stochastic depth in training (SSAMBA)",
         "decoder_depth": "Transformer blocks between encoder and prediction head, used in training and dropped at "
                          "export (MAE's decoder; not the official recipe)",
     }
     for name, kind in _FLAGS.items():
         if name in ("model", "data"):
             continue
-        default = getattr(defaults, name)
-        if default is None:  # steps, warmup_steps: derived from the epoch counts
-            default = "from --" + name.replace("steps", "epochs").replace("_", "-")
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       help=f"{helps.get(name, '')} (default {default})".strip())
-    p.add_argument("--masked-only-loss", action="store_true", help="MSE over masked patches only")
-    p.add_argument("--patch-normalized-targets", action="store_true",
-                   help="standardise each target patch by its own mean and std (MAE-style; not the official recipe)")
+                       help=f"{helps.get(name, '')} ({_default_help(name, defaults)})".strip())
+    p.add_argument("--masked-only-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"MSE over masked patches only ({_default_help('masked_only_loss', defaults)})")
+    p.add_argument("--patch-normalized-targets", action=argparse.BooleanOptionalAction, default=None,
+                   help="standardise each target patch by its own mean and std (MAE-style; "
+                        f"{_default_help('patch_normalized_targets', defaults)})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log.csv is still written)")
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="architecture field for the model builder, e.g. depth=2 (repeatable)")

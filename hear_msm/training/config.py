@@ -1,4 +1,4 @@
-"""The configuration of a pretraining run: fields, defaults (the official recipe), validation, schedule."""
+"""The configuration of a pretraining run: fields, recipes (defaults per family), validation, schedule."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,12 +21,32 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RUNTIME_FIELDS = ("data", "device", "num_workers", "checkpoint_every", "log_every", "progress", "kernel", "export_dtype")
 
 # fields that may also change when resuming, to recover from a divergence (each change is recorded)
-ADJUSTABLE_FIELDS = ("base_lr", "min_lr", "warmup_epochs", "warmup_steps", "grad_clip", "precision")
+ADJUSTABLE_FIELDS = ("base_lr", "min_lr", "warmup_epochs", "warmup_steps", "lr_schedule", "grad_clip", "precision")
+
+LR_SCHEDULES = ("cosine", "constant")
+
+# Each family's pretraining recipe: the value of every field a run does not set (`TrainConfig.for_model`,
+# `hear-msm pretrain`). Fields a recipe does not name keep the dataclass defaults, the recipe of Yadav
+# et al. (SSAST / SSAM / AxLSTM). Every run's crops are `num_frames` = the model's input length.
+RECIPES: dict[str, dict[str, object]] = {
+    # SSAMBA (Shams et al.), as SiavashShams/ssamba runs it: src/pretrain/run_mask_patch_amba.sh (batch 64,
+    # lr 1e-4, 10 epochs, drop path 0.1), src/run_amba.py (400 masked patches by default, the Hub
+    # files' "_400"; cluster masking since 128 mel bins != 16), src/traintest_mask.py (pretrain_joint:
+    # InfoNCE + 10 x MSE in two masked passes; AdamW wd 5e-8, betas (0.95, 0.999); lr warmed up over
+    # 1000 steps, then constant: their halving on a validation plateau has no counterpart here; fp32).
+    "ssamba": {
+        "mask_ratio": 400 / 512, "mask_mode": "cluster", "masked_only_loss": True,
+        "discriminative_weight": 1.0, "generative_weight": 10.0, "drop_path_rate": 0.1,
+        "batch_size": 64, "base_lr": 4e-4, "epochs": 10.0, "warmup_steps": 1000, "lr_schedule": "constant",
+        "weight_decay": 5e-8, "beta1": 0.95, "beta2": 0.999, "precision": "fp32",
+    },
+}
 
 
 @dataclass
 class TrainConfig:
-    """One pretraining run. Defaults reproduce the official recipe (AudioSet, 4 GPUs x 256)."""
+    """One pretraining run. The dataclass defaults are Yadav et al.'s recipe (AudioSet, 4 GPUs x 256);
+    `TrainConfig.for_model(model, **given)` takes the model family's recipe (RECIPES) instead."""
 
     model: str = "ssast_tiny"
     model_overrides: dict = field(default_factory=dict)  # builder kwargs, e.g. {"depth": 2}
@@ -39,6 +59,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: warmup_epochs x steps per epoch; must end before the run does
     base_lr: float = 1.5e-4  # lr = base_lr * batch_size / 256
     min_lr: float = 0.0
+    lr_schedule: str = "cosine"  # after the linear warm-up: cosine decay to min_lr, or constant
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
@@ -49,9 +70,11 @@ class TrainConfig:
     masked_only_loss: bool = False
     patch_normalized_targets: bool = False  # not official: targets standardised per patch (MAE)
     discriminative_weight: float = 0.0  # not official: + w * InfoNCE over masked patches (SSAST joint)
+    generative_weight: float = 1.0  # weight of the MSE term
     decoder_depth: int = 0  # not official: Transformer blocks between encoder and head, training only (MAE)
+    drop_path_rate: float = 0.0  # stochastic depth in training (families with `set_drop_path`: SSAMBA)
     # data
-    num_frames: int = 200
+    num_frames: int = 200  # crop length in frames: the model's input length
     min_seconds: float = 0.5
     max_clip_seconds: float = 10.0
     seed: int = 0
@@ -66,22 +89,34 @@ class TrainConfig:
     export_dtype: str = "float32"
 
     def __post_init__(self):
-        from ..models.encoder import MASKING_MODES
-
         _check_numbers(self)
-        if self.mask_mode not in MASKING_MODES:
-            raise ValueError(f"mask_mode must be one of {MASKING_MODES}, got {self.mask_mode!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.export_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"export_dtype must be float32, float16 or bfloat16, got {self.export_dtype!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.discriminative_weight == 0 and self.generative_weight == 0:
+            raise ValueError("discriminative_weight and generative_weight are both 0: nothing to train on")
         _check_architecture(self.model, self.model_overrides)
+        _check_model_options(self)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr:g} is above the peak learning rate {self.lr:g} (= base_lr "
                              f"{self.base_lr:g} x batch_size {self.batch_size} / 256): the cosine decay would rise; "
                              f"set --min-lr at most {self.lr:g}")
         if self.steps is not None and self.warmup_steps is not None:
             _check_warmup(self.warmup_steps, self.steps)
+
+    @classmethod
+    def for_model(cls, model: str, **given) -> "TrainConfig":
+        """A run of `model` with its family's recipe (RECIPES) for every field not in `given`, and
+        crops of the model's input length (its num_frames, after `model_overrides`)."""
+        facts = _model_facts(model)
+        overrides = given.get("model_overrides") or {}
+        frames = overrides.get("num_frames", facts.fields["num_frames"])
+        if type(frames) is not int:  # a bad override: _check_architecture names it
+            frames = facts.fields["num_frames"]
+        return cls(**{**RECIPES.get(facts.family, {}), "num_frames": frames, **given, "model": model})
 
     @property
     def lr(self) -> float:
@@ -107,11 +142,11 @@ _INT_BOUNDS = {"batch_size": (1, False), "steps": (1, False), "warmup_steps": (0
 
 _FLOAT_BOUNDS = {"epochs": (0.0, True), "warmup_epochs": (0.0, False), "base_lr": (0.0, True), "min_lr": (0.0, False),
                  "weight_decay": (0.0, False), "beta1": (0.0, False), "beta2": (0.0, False), "grad_clip": (0.0, False),
-                 "mask_ratio": (0.0, True), "discriminative_weight": (0.0, False), "min_seconds": (0.0, False),
-                 "max_clip_seconds": (0.0, True)}
+                 "mask_ratio": (0.0, True), "discriminative_weight": (0.0, False), "generative_weight": (0.0, False),
+                 "drop_path_rate": (0.0, False), "min_seconds": (0.0, False), "max_clip_seconds": (0.0, True)}
 
 
-_BELOW_ONE = ("beta1", "beta2", "mask_ratio")
+_BELOW_ONE = ("beta1", "beta2", "mask_ratio", "drop_path_rate")
 
 
 def _check_numbers(config: TrainConfig) -> None:
@@ -130,22 +165,53 @@ def _check_numbers(config: TrainConfig) -> None:
             raise ValueError(f"{name} must be below 1, got {value!r}")
 
 
+@dataclass(frozen=True)
+class _ModelFacts:
+    family: str
+    fields: dict  # {field: preset value} of the architecture's config, but `arch`
+    masking_modes: tuple[str, ...]  # what its `sample_mask` accepts
+    drop_path: bool  # has `set_drop_path`
+
+
+def _model_facts(model: str) -> _ModelFacts:
+    """What a run needs to know of an architecture; ValueError for anything but a registered name."""
+    if not isinstance(model, str):
+        raise ValueError(f"model must be an architecture name, got {model!r}")
+    return _registered_model_facts(model)
+
+
 @functools.lru_cache(maxsize=None)
-def _preset_fields(model: str) -> dict[str, object]:
-    """{field: preset value} of an architecture's config, but `arch` (built on the meta device: no memory)."""
+def _registered_model_facts(model: str) -> _ModelFacts:
+    """`_model_facts` of a name (the model is built on the meta device: no memory)."""
+    from ..models.encoder import MASKING_MODES
     from ..models.registry import model_builder
 
     with torch.device("meta"):
-        config = model_builder(model)().config  # ValueError naming the known models
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "arch"}
+        instance = model_builder(model)()  # ValueError naming the known models
+    config = instance.config
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "arch"}
+    return _ModelFacts(config.family, fields, tuple(getattr(instance, "masking_modes", MASKING_MODES)),
+                       hasattr(instance, "set_drop_path"))
+
+
+def _check_model_options(config: TrainConfig) -> None:
+    """Masking mode, crop length and drop path against what the (overridden) architecture accepts."""
+    facts = _model_facts(config.model)
+    if config.mask_mode not in facts.masking_modes:
+        raise ValueError(f"mask_mode must be one of {facts.masking_modes} for {config.model}, got {config.mask_mode!r}")
+    frames = config.model_overrides.get("num_frames", facts.fields["num_frames"])
+    if config.num_frames != frames:
+        raise ValueError(f"num_frames {config.num_frames} is not {config.model}'s input length ({frames} frames): "
+                         "training crops fill the model's input; change both with --override num_frames=N "
+                         "(TrainConfig.for_model sets num_frames from the model)")
+    if config.drop_path_rate > 0 and not facts.drop_path:
+        raise ValueError(f"drop_path_rate {config.drop_path_rate:g}: {config.model} has no stochastic depth; use 0")
 
 
 def _check_architecture(model: str, overrides: dict) -> None:
     """`model` is registered and `overrides` are fields of its config with values of the field's type
     (ranges are the config's to check when the model is built)."""
-    if not isinstance(model, str):
-        raise ValueError(f"model must be an architecture name, got {model!r}")
-    preset = _preset_fields(model)
+    preset = _model_facts(model).fields
     if not isinstance(overrides, dict):
         raise ValueError(f"model_overrides must be a dict of {model} config fields, got {overrides!r}")
     unknown = sorted(set(overrides) - set(preset))
@@ -177,10 +243,12 @@ def schedule_steps(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int]
     return total, warmup
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine from 1 to `min_ratio` at `total`."""
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float, schedule: str = "cosine") -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to `min_ratio` at `total` (or constant 1)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

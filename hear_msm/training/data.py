@@ -1,4 +1,4 @@
-"""Pretraining data: audio folders and tar shards -> random 2 s crops of normalised log-mel.
+"""Pretraining data: audio folders and tar shards -> random crops of a model's normalised features.
 
 Two sources, one interface (`num_items`, `groups`, `load(index, rng)`):
 
@@ -8,13 +8,17 @@ Two sources, one interface (`num_items`, `groups`, `load(index, rng)`):
                 `max_clip_seconds` are read as one random segment of that length (the AudioSet
                 clips of the official recipe are 10 s), so an hour-long file costs no more than a clip.
   TarShards     webdataset-style tar files (`shard-000000.tar`, ...): members `<key>.logmel.npy`
-                (float16 [frames, 80], already per-clip normalised) or `<key>.flac` (16 kHz mono),
-                written by `write_shards` / `hear-msm prepare-shards`. Members are indexed once at
-                start-up and read by offset, so any clip can be fetched directly.
+                (float16 [frames, 80], the 80-bin log-mel of `LogMelFrontend`, already per-clip
+                normalised) or `<key>.flac` (16 kHz mono), written by `write_shards` / `hear-msm
+                prepare-shards`. Members are indexed once at start-up and read by offset, so any clip
+                can be fetched directly. Log-mel shards serve only models of that front end and bin
+                count; flac shards serve any model.
 
-Every clip becomes the per-clip-normalised log-mel of `LogMelFrontend` (normalised over the whole
-clip, as the official recipe), from which a random `num_frames` crop is taken; clips shorter than
-the crop are padded with zeros (= the clip mean after normalisation), as the HEAR runtime pads.
+Every clip becomes the features of the model's front end (`Features`: `_frontend.build_frontend`
+of the model config; the per-clip normalised log-mel of Yadav et al., normalised over the whole
+clip as the official recipe, or SSAMBA's Kaldi fbank), from which a random `num_frames` crop is
+taken; clips shorter than the crop are padded with the front end's padding value (the clip mean for
+log-mel, an all-zero fbank frame for Kaldi fbank, as SSAMBA's loader pads), as the HEAR runtime pads.
 
 Randomness is explicit: a clip's segment and crop come from `numpy.random.default_rng((seed,
 epoch, index))` and the order from `EpochSampler`, so a batch is a pure function of (seed, step):
@@ -36,7 +40,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .._frontend import SAMPLE_RATE, LogMelFrontend, to_16k_mono
+from .._frontend import SAMPLE_RATE, build_frontend, to_16k_mono
 
 log = logging.getLogger("hear_msm.data")
 
@@ -56,27 +60,65 @@ def read_segment(path: str | os.PathLike, max_seconds: float | None, rng: np.ran
     return to_16k_mono(data, rate)
 
 
-class _Features:
-    """Log-mel with the frontend built once per process (MelSpectrogram holds the filterbank)."""
+@dataclass(frozen=True)
+class _FrontendSpec:
+    """What `build_frontend` reads of a model config."""
 
-    _frontend: LogMelFrontend | None = None
+    arch: str = "logmel shards"
+    frontend: str = "logmel"
+    num_mels: int = 80
+
+
+class Features:
+    """Waveform [samples] at 16 kHz -> the normalised features [frames, bins] a model reads, from
+    the front end its config names (`frontend`, `num_mels`). The front end is built lazily, once
+    per process (DataLoader workers pickle this object without it)."""
+
+    def __init__(self, config=_FrontendSpec()):
+        self.kind, self.num_mels = config.frontend, config.num_mels
+        self._spec = _FrontendSpec(config.arch, config.frontend, config.num_mels)
+        self._frontend = None
+
+    def _module(self):
+        if self._frontend is None:
+            self._frontend = build_frontend(self._spec)
+        return self._frontend
+
+    def __call__(self, audio: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._module()(audio[None])[0].float()
+
+    @property
+    def padding_value(self) -> float:
+        """What crops longer than a clip are padded with (in normalised feature space)."""
+        return float(self._module().padding_value())
+
+    def describe(self) -> str:
+        return f"{self.kind} features ({self.num_mels} bins)"
+
+    def __getstate__(self):
+        return {**self.__dict__, "_frontend": None}
+
+
+class _Features:
+    """The log-mel that `write_shards` stores (kind "logmel": 80 bins)."""
+
+    _features = Features()
 
     @classmethod
     def logmel(cls, audio: torch.Tensor) -> torch.Tensor:
         """[samples] 16 kHz -> normalised log-mel [frames, 80] float32."""
-        if cls._frontend is None:
-            cls._frontend = LogMelFrontend()
-        with torch.no_grad():
-            return cls._frontend(audio[None])[0]
+        return cls._features(audio)
 
 
-def random_crop(logmel: torch.Tensor, num_frames: int, rng: np.random.Generator) -> torch.Tensor:
-    """[frames, mels] -> [num_frames, mels]: a random window, zero-padded at the end if short."""
-    frames = logmel.shape[0]
+def random_crop(features: torch.Tensor, num_frames: int, rng: np.random.Generator,
+                padding_value: float = 0.0) -> torch.Tensor:
+    """[frames, bins] -> [num_frames, bins]: a random window, padded at the end with `padding_value` if short."""
+    frames = features.shape[0]
     if frames < num_frames:
-        return torch.nn.functional.pad(logmel, (0, 0, 0, num_frames - frames))
+        return torch.nn.functional.pad(features, (0, 0, 0, num_frames - frames), value=padding_value)
     start = int(rng.integers(0, frames - num_frames + 1))
-    return logmel[start:start + num_frames]
+    return features[start:start + num_frames]
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -90,9 +132,11 @@ def find_audio_files(root: str | os.PathLike) -> list[Path]:
 class AudioFolder:
     """Audio files under `root` (recursively); see the module docstring."""
 
-    def __init__(self, root: str | os.PathLike, min_seconds: float = 0.5, max_clip_seconds: float | None = 10.0):
+    def __init__(self, root: str | os.PathLike, min_seconds: float = 0.5, max_clip_seconds: float | None = 10.0,
+                 features: Features | None = None):
         self.root = Path(root)
         self.max_clip_seconds = max_clip_seconds
+        self.features = features or Features()
         self.files: list[Path] = []
         self.seconds: list[float] = []
         self.skipped = {"unreadable": 0, "too_short": 0}
@@ -126,18 +170,19 @@ class AudioFolder:
         return sum(self.seconds) / 3600
 
     def describe(self) -> str:
-        return (f"{self.num_items} audio files ({self.hours:.2f} h) under {self.root}; skipped "
-                f"{self.skipped['unreadable']} unreadable and {self.skipped['too_short']} too short")
+        return (f"{self.num_items} audio files ({self.hours:.2f} h) under {self.root} as "
+                f"{self.features.describe()}; skipped {self.skipped['unreadable']} unreadable and "
+                f"{self.skipped['too_short']} too short")
 
     def load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        """Normalised log-mel [frames, 80] of file `index` (a random segment if long)."""
+        """Normalised features [frames, bins] of file `index` (a random segment if long)."""
         try:
             audio = read_segment(self.files[index], self.max_clip_seconds, rng)
         except (RuntimeError, sf.LibsndfileError) as error:
             # a file that passed the start-up check but fails now (changed on disk): a silent clip
             log.warning("cannot read %s (%s); using silence", self.files[index], error)
             audio = torch.zeros(SAMPLE_RATE)
-        return _Features.logmel(audio)
+        return self.features(audio)
 
 
 @dataclass
@@ -151,7 +196,8 @@ class _Member:
 class TarShards:
     """Tar shards written by `write_shards`; see the module docstring."""
 
-    def __init__(self, root_or_files: str | os.PathLike | Sequence[str | os.PathLike], max_clip_seconds: float | None = 10.0):
+    def __init__(self, root_or_files: str | os.PathLike | Sequence[str | os.PathLike], max_clip_seconds: float | None = 10.0,
+                 features: Features | None = None):
         if isinstance(root_or_files, (str, os.PathLike)) and Path(root_or_files).is_dir():
             self.shards = sorted(Path(root_or_files).glob("*.tar"))
         elif isinstance(root_or_files, (str, os.PathLike)):
@@ -161,6 +207,7 @@ class TarShards:
         if not self.shards:
             raise FileNotFoundError(f"no .tar shards in {root_or_files}")
         self.max_clip_seconds = max_clip_seconds
+        self.features = features or Features()
         self.members: list[_Member] = []
         self._groups: list[range] = []
         for number, shard in enumerate(self.shards):
@@ -176,6 +223,19 @@ class TarShards:
         if not self.members:
             raise ValueError(f"{self.shards[0].parent}: shards hold no .logmel.npy or .flac members")
         self._handles: dict[int, object] = {}
+        self._check_stored_features()
+
+    def _check_stored_features(self) -> None:
+        """Log-mel members hold features already: refuse them for a model of another front end or bin count."""
+        stored = next((m for m in self.members if m.kind == "logmel"), None)
+        if stored is None:
+            return
+        bins = np.load(io.BytesIO(self._read(stored))).shape[-1]
+        if (self.features.kind, self.features.num_mels) != ("logmel", bins):
+            raise ValueError(
+                f"{self.shards[stored.shard]} stores logmel features ({bins} bins), but the model reads "
+                f"{self.features.describe()}: write audio shards for it (hear-msm prepare-shards --kind flac) "
+                "or train on the audio folder")
 
     @property
     def num_items(self) -> int:
@@ -187,7 +247,8 @@ class TarShards:
         return self._groups
 
     def describe(self) -> str:
-        return f"{self.num_items} clips in {len(self.shards)} tar shards under {self.shards[0].parent}"
+        return (f"{self.num_items} clips in {len(self.shards)} tar shards under {self.shards[0].parent} as "
+                f"{self.features.describe()}")
 
     def _read(self, member: _Member) -> bytes:
         # one open handle per shard and process (DataLoader workers each get their own copy)
@@ -210,19 +271,21 @@ class TarShards:
             length = int(self.max_clip_seconds * rate)
             start = int(rng.integers(0, len(data) - length + 1))
             data = data[start:start + length]
-        return _Features.logmel(to_16k_mono(data, rate))
+        return self.features(to_16k_mono(data, rate))
 
 
-def open_source(path: str | os.PathLike, min_seconds: float = 0.5, max_clip_seconds: float | None = 10.0):
-    """A folder of .tar shards -> TarShards; any other folder -> AudioFolder."""
+def open_source(path: str | os.PathLike, min_seconds: float = 0.5, max_clip_seconds: float | None = 10.0,
+                features: Features | None = None):
+    """A folder of .tar shards -> TarShards; any other folder -> AudioFolder; both giving `features`
+    (default: the 80-bin log-mel)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".tar":
-        return TarShards(path, max_clip_seconds)
+        return TarShards(path, max_clip_seconds, features)
     if not path.is_dir():
         raise FileNotFoundError(f"training data not found: {path} (expected a folder of audio files or of .tar shards)")
     if any(path.glob("*.tar")):
-        return TarShards(path, max_clip_seconds)
-    return AudioFolder(path, min_seconds, max_clip_seconds)
+        return TarShards(path, max_clip_seconds, features)
+    return AudioFolder(path, min_seconds, max_clip_seconds, features)
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -260,7 +323,7 @@ class EpochSampler:
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """Map-style view for a DataLoader: item (epoch, index) -> crop [1, num_frames, 80]."""
+    """Map-style view for a DataLoader: item (epoch, index) -> crop [1, num_frames, bins]."""
 
     def __init__(self, source, num_frames: int, seed: int):
         self.source, self.num_frames, self.seed = source, num_frames, seed
@@ -271,7 +334,7 @@ class CropDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         epoch, index = key
         rng = np.random.default_rng((self.seed, epoch, index))
-        return random_crop(self.source.load(index, rng), self.num_frames, rng)[None]
+        return random_crop(self.source.load(index, rng), self.num_frames, rng, self.source.features.padding_value)[None]
 
 
 class _ResumableBatchSampler(torch.utils.data.Sampler):
@@ -290,7 +353,7 @@ class _ResumableBatchSampler(torch.utils.data.Sampler):
 
 def make_loader(source, batch_size: int, num_frames: int, seed: int, rank: int, world_size: int,
                 start_step: int = 0, num_workers: int = 0) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
-    """An endless DataLoader of [batch, 1, num_frames, 80] crops starting at global step `start_step`."""
+    """An endless DataLoader of [batch, 1, num_frames, bins] crops starting at global step `start_step`."""
     sampler = EpochSampler(source.groups, batch_size, seed, rank, world_size)
     epoch, batch = divmod(start_step, sampler.batches_per_epoch)
     loader = torch.utils.data.DataLoader(

@@ -1,6 +1,7 @@
 """What a finished run leaves for people: RUN/final (our weights format + model card) and the loss plot."""
 from __future__ import annotations
 
+import copy
 import csv
 import os
 from pathlib import Path
@@ -19,18 +20,23 @@ def export(model, out: Path, config: TrainConfig, steps: int, loss: float, secon
     from .._weights import EXPORT_DTYPES, save_pretrained
 
     dtype = EXPORT_DTYPES[config.export_dtype]
+    if dtype is not None:  # a converted copy: Module.to casts floating-point tensors only (SSAMBA keeps int64 buffers)
+        model, dtype = copy.deepcopy(model).to(dtype), None
     card = (
         f"---\nlibrary_name: hear_msm\ntags: [audio, hear, self-supervised, {model.config.family}]\n---\n\n"
         f"# {model.config.arch} pretrained with hear-msm pretrain\n\n"
         f"Data: {source.describe() if source is not None else config.data}.\n\n"
         f"Budget: {steps} steps x batch {config.batch_size} = {steps * config.batch_size} clips of "
-        f"{config.num_frames / 100:.0f} s; wall time {seconds / 60:.1f} min; final training loss {loss:.4f}.\n\n"
-        f"Recipe: mask {config.mask_mode} {config.mask_ratio}, loss over "
+        f"{config.num_frames / 100:g} s; wall time {seconds / 60:.1f} min; final training loss {loss:.4f}.\n\n"
+        f"Recipe: mask {config.mask_mode} {config.mask_ratio:g}, loss "
+        f"{f'{config.generative_weight:g} x ' if config.generative_weight != 1 else ''}MSE over "
         f"{'masked' if config.masked_only_loss else 'all'} patches"
         f"{' (targets standardised per patch)' if config.patch_normalized_targets else ''}"
         f"{f' + {config.discriminative_weight:g} x InfoNCE' if config.discriminative_weight else ''}"
-        f"{f', through a {config.decoder_depth}-block training-only decoder' if config.decoder_depth else ''}, AdamW lr {config.lr:.3g} "
-        f"(base {config.base_lr:g} x {config.batch_size}/256), wd {config.weight_decay}, seed {config.seed}.\n\n"
+        f"{f', through a {config.decoder_depth}-block training-only decoder' if config.decoder_depth else ''}"
+        f"{f', drop path {config.drop_path_rate:g}' if config.drop_path_rate else ''}, AdamW lr {config.lr:.3g} "
+        f"(base {config.base_lr:g} x {config.batch_size}/256, {config.lr_schedule} after warm-up), "
+        f"betas ({config.beta1:g}, {config.beta2:g}), wd {config.weight_decay:g}, seed {config.seed}.\n\n"
         f"{_schedule_changes(list(resumes))}"
         "```python\nimport hear_msm\nmodel = hear_msm.load_model(\"path/to/this/folder\")\n```\n"
     )
@@ -78,7 +84,7 @@ def plot_loss(run: str | os.PathLike, output: str | os.PathLike | None = None, t
     if window > 1:
         axis.plot(steps[window - 1:], smooth, color="C0", linewidth=1.5, label=f"mean of {window} logs")
     axis.set_xlabel("step")
-    axis.set_ylabel("reconstruction MSE")
+    axis.set_ylabel("training loss")
     axis.set_title(title or run.name)
     axis.grid(alpha=0.3)
     axis.legend()

@@ -27,7 +27,7 @@ from .config import (ADJUSTABLE_FIELDS, CONFIG_NAME, LOG_NAME, TrainConfig, chec
                      resume_changes, schedule_steps)
 from .export import export
 from .state import (CHECKPOINT_NAME, mask_generator, non_finite, read_run_checkpoint, restore, rng_state,
-                    save_checkpoint)
+                    save_checkpoint, step_seed)
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "clips_per_s", "elapsed_s"]
 
@@ -101,7 +101,7 @@ class Run:
 def setup(config: TrainConfig, out: Path, resume: bool, info: "Dist", device: torch.device,
           folder: run_folder.RunFolder | None) -> Run:
     """Model, objective, optimizer, schedule and data of a run; its saved state restored on resume."""
-    from .data import make_loader, open_source
+    from .data import Features, make_loader, open_source
 
     checkpoint_path = out / CHECKPOINT_NAME
     state, changes = None, {}
@@ -116,12 +116,12 @@ def setup(config: TrainConfig, out: Path, resume: bool, info: "Dist", device: to
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {info.world_size} ranks")
     local_batch = config.batch_size // info.world_size
 
-    source = open_source(config.data, config.min_seconds, config.max_clip_seconds)
     torch.manual_seed(config.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     try:
         model = build_model(config)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{config.model} with overrides {config.model_overrides}: {error}") from None
+    source = open_source(config.data, config.min_seconds, config.max_clip_seconds, Features(model.config))
     objective = Objective(model, config).to(device)  # the decoder (if any) is drawn after the model
     objective.train()
     loss_module = objective
@@ -136,7 +136,8 @@ def setup(config: TrainConfig, out: Path, resume: bool, info: "Dist", device: to
     optimizer = torch.optim.AdamW(parameter_groups(objective, config.weight_decay), lr=config.lr,
                                   betas=(config.beta1, config.beta2))
     min_ratio = config.min_lr / config.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, min_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, total, min_ratio, config.lr_schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     run = Run(config, out, info, device, precision, source, model, objective, loss_module, optimizer, scheduler,
               scaler, loader, sampler.batches_per_epoch, total, start_step, float("nan"),
@@ -148,7 +149,7 @@ def setup(config: TrainConfig, out: Path, resume: bool, info: "Dist", device: to
             scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
             for group in optimizer.param_groups:
                 group["initial_lr"] = config.lr
-                group["lr"] = config.lr * lr_factor(start_step, warmup, total, min_ratio)
+                group["lr"] = config.lr * lr_factor(start_step, warmup, total, min_ratio, config.lr_schedule)
         run.elapsed_before = float(state.get("elapsed_s", 0.0))
         run.last_loss = float(state.get("loss", float("nan")))  # a finished run resumed takes no step
     if info.main:
@@ -174,8 +175,8 @@ def train_step(run: Run, spectrogram: torch.Tensor) -> float:
     config = run.config
     mask = run.model.sample_mask(spectrogram.shape[0], config.mask_ratio, config.mask_mode,
                                  generator=mask_generator(config.seed, run.step, run.info.rank)).to(run.device)
-    with autocast(run.device, run.precision):
-        loss = run.loss_module(spectrogram, mask)
+    with step_random_state(config.seed, run.step, run.info.rank, run.device), autocast(run.device, run.precision):
+        loss = run.loss_module(spectrogram, mask)  # draws (drop path) from torch's generator, seeded per step
     value = loss.detach().float().clone()
     if run.info.world_size > 1:
         dist.all_reduce(value)
@@ -277,13 +278,16 @@ class TrainResult:
 def build_model(config: TrainConfig):
     from ..models.registry import model_builder
 
-    return model_builder(config.model)(kernel=config.kernel, **config.model_overrides)
+    model = model_builder(config.model)(kernel=config.kernel, **config.model_overrides)
+    if config.drop_path_rate > 0:  # TrainConfig checked that the family has stochastic depth
+        model.set_drop_path(config.drop_path_rate)
+    return model
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: biases, norm scales, 1-D params (Mamba's D, xLSTM gates/skips),
     positions, cls/mask tokens and Mamba's A_log (mamba-ssm's `_no_weight_decay`) are exempt."""
-    exempt_names = ("pos_embed", "cls_token", "mask_token", "A_log")
+    exempt_names = ("pos_embed", "cls_token", "mask_token", "mask_embed", "A_log", "A_b_log")
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -307,7 +311,12 @@ class Objective(nn.Module):
             if config.decoder_depth > 0 else None
         self.options = dict(masked_only=config.masked_only_loss,
                             patch_normalized_targets=config.patch_normalized_targets,
-                            discriminative_weight=config.discriminative_weight)
+                            discriminative_weight=config.discriminative_weight,
+                            generative_weight=config.generative_weight)
+        # parameters this objective never reaches (SSAMBA: Vim's classification head, a head weighted 0)
+        # are frozen: no optimizer state for them, and DDP does not wait for their gradients
+        for param in getattr(model, "parameters_unused_by", lambda **_: [])(**self.options):
+            param.requires_grad_(False)
 
     def forward(self, spectrogram: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model.reconstruction_loss(spectrogram, mask, decoder=self.decoder, **self.options)
@@ -343,6 +352,17 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info, device
+
+
+@contextlib.contextmanager
+def step_random_state(seed: int, step: int, rank: int, device: torch.device):
+    """Torch's global generator (CPU, and the GPU in use) seeded from (seed, step, rank) for one
+    forward, then restored: random draws inside the model (drop path) are a function of the step,
+    as masks and crops are, so a resumed run repeats them exactly."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(step_seed(seed, step, rank, 0xD809))
+        yield
 
 
 def autocast(device: torch.device, precision: str):

@@ -35,10 +35,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_seed(seed: int, step: int, rank: int, stream: int) -> int:
+    """A 63-bit seed for one random stream of one step on one rank."""
+    # SeedSequence, not hash(): Python's string hashing differs between processes
+    return int(np.random.SeedSequence((seed, step, rank, stream)).generate_state(1, np.uint64)[0] >> 1)
+
+
 def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
     generator = torch.Generator()
-    # SeedSequence, not hash(): Python's string hashing differs between processes
-    generator.manual_seed(int(np.random.SeedSequence((seed, step, rank, 0x3A5C)).generate_state(1, np.uint64)[0] >> 1))
+    generator.manual_seed(step_seed(seed, step, rank, 0x3A5C))
     return generator
 
 
