@@ -10,7 +10,9 @@ file after an interruption and retries a transfer that broke off. Every failure 
 that says in words what went wrong.
 
 Network settings are those of `requests`, which gdown uses: HTTPS_PROXY / NO_PROXY and
-REQUESTS_CA_BUNDLE are honoured (the tests point gdown at a loopback server that way).
+REQUESTS_CA_BUNDLE are honoured (the tests point gdown at a loopback server that way). gdown's
+cookie jar (~/.cache/gdown/cookies.txt) is neither read nor written: Drive's confirmation step
+needs only the cookies of the session itself.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ def find_file(folder_url: str, path: str) -> str:
     import requests
 
     try:
-        entries = gdown.download_folder(url=folder_url, skip_download=True, quiet=True, timeout=TIMEOUT)
+        entries = gdown.download_folder(url=folder_url, skip_download=True, quiet=True, use_cookies=False,
+                                          timeout=TIMEOUT)
     except gdown.exceptions.DownloadError as error:
         raise DriveError(f"Google Drive refused to list the folder {folder_url}: {_one_line(error)}") from error
     except requests.RequestException as error:
@@ -87,7 +90,7 @@ def download(file_id: str, target: Path, label: str) -> str:
         hasher = hashlib.sha256()
         try:
             with _ProgressBar(label) as bar:
-                gdown.download(id=file_id, output=str(target), quiet=True, resume=True, hasher=hasher,
+                gdown.download(id=file_id, output=str(target), quiet=True, resume=True, hasher=hasher, use_cookies=False,
                                progress=bar.update_to, retries=RETRIES, timeout=TIMEOUT)
             return hasher.hexdigest()
         except FileURLRetrievalError as error:  # Drive answered a page instead of the file
