@@ -130,12 +130,17 @@ def _cmd_convert(args) -> int:
 def _cmd_export_hub(args) -> int:
     import json
 
-    from hear_msm._weights import EXPORT_DTYPES, export_for_hub
+    from hear_msm._weights import EXPORT_DTYPES, export_for_hub, weight_tags
 
-    if args.repo is not None:
+    if args.repo is not None:  # refused now rather than written into the card and the entry
         from hear_msm._hub import parse_hf_uri
 
-        parse_hf_uri(f"hf://{args.repo}")  # a ValueError now rather than a wrong card and entry
+        try:
+            address = parse_hf_uri(f"hf://{args.repo}")
+        except ValueError:
+            address = None
+        if address is None or address.filename or address.revision:
+            raise ValueError(f"--repo must be a Hub repo id, <org>/<name>; got {args.repo!r}")
     done = export_for_hub(args.weights, args.out_dir, repo_id=args.repo, dtype=EXPORT_DTYPES[args.dtype],
                           overwrite=args.overwrite)
     repo, folder = done["entry"]["hub_repo"], done["directory"]
@@ -145,7 +150,13 @@ def _cmd_export_hub(args) -> int:
     print(f"1. upload it:  hf upload {repo} {folder} . --repo-type model")
     print("2. add these fields to " + where + ", with the commit hash that ends the URL the upload printed:")
     print(json.dumps(done["entry"], indent=1))
-    print("   From then on the tag loads from the Hub (the pinned revision, SHA-256 checked) instead of Google Drive.")
+    arch, tag = done["arch"], (done["label"] or ".").split(".", 1)[1]
+    entry = weight_tags(arch).get(tag, {})
+    if entry.get("file"):
+        print("   (a shipped tag keeps loading the file in the package; the upload serves hf:// users)")
+    else:
+        print("   From then on the tag loads from the Hub (that revision, SHA-256 checked)"
+              + (" instead of Google Drive." if entry.get("google_drive_folder") else "."))
     return 0
 
 
