@@ -29,6 +29,7 @@ from random_ssamba_checkpoint import random_ssamba_state_dict
 
 import hear_msm
 import hear_msm.axlstm_tiny
+import hear_msm.ssamba_base
 import hear_msm.ssamba_tiny
 import hear_msm.ssast_base
 from hear_msm import _fetch, _weights, cli
@@ -179,6 +180,10 @@ def test_refusals_and_a_changed_folder_are_explained(drive, cache):
     with pytest.raises(FileNotFoundError, match=r"(?s)refused to list the folder.*status code 403.*by hand"):
         hear_msm.create_model("axlstm_tiny", pretrained=True)
     drive.refuse_listing = None
+    served = drive.files.pop(drive.ids[CHECKPOINT])  # listed, but Drive answers "not found" for the file
+    with pytest.raises(FileNotFoundError, match=r"(?s)refused the file.*Cannot retrieve the public link.*by hand"):
+        hear_msm.create_model("axlstm_tiny", pretrained=True)
+    drive.files[drive.ids[CHECKPOINT]] = served
     drive.add_folder(AXLSTM_FOLDER, "AxLSTM pretrained weights", {RUN: {"checkpoints": {"checkpoint-49.pth": b"x"}}})
     with pytest.raises(FileNotFoundError, match=rf"(?s)no longer holds {CHECKPOINT}.*checkpoint-49.pth.*by hand"):
         hear_msm.create_model("axlstm_tiny", pretrained=True)
@@ -277,6 +282,8 @@ def test_export_hub_then_a_registry_entry_moves_the_tag_to_the_hub(drive, fake_h
     out = tmp_path / "upload"
     assert cli.main(["export-hub", str(run.parent), str(out), "--repo", "msm/axlstm-tiny"]) == 0
     printed = capsys.readouterr().out
+    assert cli.main(["export-hub", str(run.parent), str(tmp_path / "elsewhere"), "--repo", "no-org"]) == 2
+    assert "--repo must be a Hub repo id" in capsys.readouterr().err
     entry = json.loads(printed[printed.index("{"):printed.index("}") + 1])
     assert entry["hub_repo"] == "msm/axlstm-tiny" and "hf upload msm/axlstm-tiny" in printed
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
@@ -362,6 +369,19 @@ def test_ssamba_file_of_the_wrong_size_is_refused(fake_hub, ssamba_file, cache, 
     monkeypatch.setattr(_weights, "load_registry", lambda: registry)
     with pytest.raises(ValueError, match=r"but the Hub lists 29.3 MB"):
         hear_msm.create_model("ssamba_tiny.latest")
+
+
+def test_hub_failures_name_the_manual_route(ssamba_hub, monkeypatch):
+    # the registered revision has no ssamba_small_400.pth here: one message, with how to get it by hand
+    ssamba_hub.add(SSAMBA_REPO, SSAMBA_REVISION, {"ssamba_tiny_400.pth": b"not needed"})
+    with pytest.raises(FileNotFoundError, match=r"(?s)has no file 'ssamba_small_400.pth'.*"
+                                                r"hf download attentionisallyouneed369/ssamba ssamba_small_400.pth"):
+        hear_msm.create_model("ssamba_small", pretrained=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    served = len(ssamba_hub.requests)
+    with pytest.raises(FileNotFoundError, match=r'(?s)HF_HUB_OFFLINE is set.*by hand.*"ssast_tiny.debian_cpu_demo"'):
+        hear_msm.ssamba_base.load_model()
+    assert len(ssamba_hub.requests) == served
 
 
 @pytest.mark.parametrize("arch", ["ssamba_tiny", "ssamba_small", "ssamba_base"])
