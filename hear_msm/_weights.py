@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
@@ -192,8 +191,9 @@ def _load_drive(arch: str, tag: str, entry: dict) -> LoadedWeights:
             raise ValueError(f"it holds weights of {model.config.arch}, not {arch}")
         manifest["read_as"] = weights.source
         model.weights_facts = _drive_facts(label, entry, manifest)
-        save_pretrained(model, snapshot, overwrite=True, model_card=model_card(model.config, model.weights_facts))
-        write_text_atomic(snapshot / CARD_NAME, model_card(model.config, model.weights_facts))
+        card = _default_card(model)
+        save_pretrained(model, snapshot, overwrite=True, model_card=card)
+        write_text_atomic(snapshot / CARD_NAME, card)  # also over the card of an interrupted earlier attempt
 
     snapshot, manifest = _fetch.fetch_drive_tag(label, entry, manual_route(arch, tag), convert)
     weights = _load_ours(snapshot, f"{label} (Google Drive {entry['checkpoint']}, cached in {snapshot})")
