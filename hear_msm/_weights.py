@@ -289,8 +289,9 @@ def _load_official(path: Path, requested_arch: str | None) -> LoadedWeights:
 
 
 def _without_dataparallel_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if any(key.startswith(HUB_PREFIX) for key in state_dict):
-        return strip_hub_prefix(state_dict)  # all keys or none, else ValueError
+    """Without `module.` when every key has it; unchanged otherwise (the strict load names odd keys)."""
+    if state_dict and all(key.startswith(HUB_PREFIX) for key in state_dict):
+        return strip_hub_prefix(state_dict)
     return state_dict
 
 
@@ -409,10 +410,7 @@ def infer_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
     Keys saved from `DataParallel` (`module.` in front of every key, as in SSAMBA's Hub files)
     are matched without that prefix.
     """
-    try:
-        state_dict = _without_dataparallel_prefix(state_dict)
-    except ValueError:  # some keys prefixed, some not: no architecture of ours
-        return None
+    state_dict = _without_dataparallel_prefix(state_dict)
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     for arch in list_models():
         if _preset_shapes(arch) == shapes:
