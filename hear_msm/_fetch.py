@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import _drive, _hub
-from ._files import write_text_atomic
+from ._files import remove_stale_temporaries, write_text_atomic
 
 __all__ = ["DRIVE_NAMESPACE", "cache_entry", "fetch_drive_tag"]
 
@@ -133,6 +133,7 @@ def _download_and_convert(repo: Path, label: str, entry: dict, manual_route: str
         )
     snapshot = repo / "snapshots" / file_id
     snapshot.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(snapshot)  # left by a conversion that was killed
     manifest = {
         "format_version": MANIFEST_VERSION, "tag": label, "source": "google_drive", "folder": folder,
         "file": checkpoint, "drive_file_id": file_id, "checkpoint_sha256": checkpoint_sha256,
