@@ -272,6 +272,28 @@ def test_two_processes_load_the_same_model_at_once(drive, official, cache):
     assert stderr.count("is not cached yet; downloading") == 1 and "waiting for another process" in stderr
 
 
+def test_hear_validator_without_weights_downloads_once_then_runs_offline(fake_drive, cache, tmp_path):
+    """The issue's "done when": `hear-validator hear_msm.ssast_tiny` (no -m) fetches the default tag and
+    passes; the second run needs no network."""
+    validator = Path(sys.executable).parent / "hear-validator"
+    if not validator.is_file():
+        pytest.skip("hear-validator not installed (scripts/install.sh installs hearvalidator 2021.0.6)")
+    run = "ssast_tiny_200_16x4_4x256_fp16_r1"
+    body = _torch_bytes({"model": random_official_state_dict("ssast_tiny", seed=5), "epoch": 99})
+    ids = fake_drive.add_folder("1l6_8e1TFEfnobwUMIbA7-aKw2FwlBhho", "SSAST and SSAM weights",
+                                {run: {"checkpoints": {"checkpoint-99.pth": body}}})
+    env = {**os.environ, **fake_drive.env(), "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    served = []
+    for offline in ("0", "1"):
+        done = subprocess.run([str(validator), "hear_msm.ssast_tiny", "-d", "cpu"], cwd=tmp_path,
+                              env={**env, "HF_HUB_OFFLINE": offline}, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0 and "Looks good!" in done.stdout, (done.stdout + done.stderr)[-3000:]
+        served.append(len(fake_drive.requests))
+    assert len(fake_drive.file_requests(ids[f"{run}/checkpoints/checkpoint-99.pth"])) == 1
+    assert served[0] > 0 and served[1] == served[0]  # the second run asked Drive nothing
+
+
 # ------------------------------------------------------------------------------------ the Hub
 def test_export_hub_then_a_registry_entry_moves_the_tag_to_the_hub(drive, fake_hub, official, cache, tmp_path,
                                                                    monkeypatch, capsys):
