@@ -95,7 +95,8 @@ def _section(heading: str, body: str) -> str:
 
 def _input_settings(config: EncoderConfig) -> str:
     hop_ms = 10 * config.patch_frames
-    order = "time-major (t x grid_freq + f)" if config.token_order == "time_major" else "frequency-major (f x grid_time + t)"
+    order = ("time-major (t x grid_freq + f)" if config.token_order == "time_major"
+             else "frequency-major (f x grid_time + t)")
     cls = "a CLS token prepended (its output dropped)" if config.cls_token else "no CLS token"
     positions = "fixed 2-D sin-cos positions" if config.positions == "sincos" else "learned positions"
     frontend = _FRONTENDS.get(config.frontend, config.frontend)

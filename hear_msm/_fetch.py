@@ -123,7 +123,8 @@ def _download_and_convert(repo: Path, label: str, entry: dict, manual_route: str
         blob = repo / "blobs" / f"{file_id}.pth"
         checkpoint_sha256 = _drive.download(file_id, blob, label)
     except _drive.DriveError as error:
-        raise FileNotFoundError(f"cannot download the weights {label} from Google Drive: {error}.\n{manual_route}") from None
+        raise FileNotFoundError(
+            f"cannot download the weights {label} from Google Drive: {error}.\n{manual_route}") from None
     registered = (entry.get("checkpoint_sha256") or "").lower()
     if registered and checkpoint_sha256 != registered:
         blob.unlink()

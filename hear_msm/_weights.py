@@ -283,9 +283,9 @@ def _load_official(path: Path, requested_arch: str | None) -> LoadedWeights:
         )
     epoch = f", epoch {checkpoint.epoch}" if checkpoint.epoch is not None else ""
     source = f"official checkpoint {checkpoint.path}{epoch}"
-    return LoadedWeights(_preset_config(arch), state_dict, source,
-                         CardFacts(provenance=(f"converted from the authors' checkpoint `{checkpoint.path.name}`{epoch}",),
-                                   paper=_family_paper(arch)))
+    facts = CardFacts(provenance=(f"converted from the authors' checkpoint `{checkpoint.path.name}`{epoch}",),
+                      paper=_family_paper(arch))
+    return LoadedWeights(_preset_config(arch), state_dict, source, facts)
 
 
 def _without_dataparallel_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

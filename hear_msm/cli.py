@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_convert)
 
     p = sub.add_parser("export-hub", help="write a folder ready for `hf upload` and print its registry entry")
-    p.add_argument("weights", help='any weight source: a tag ("ssam_base.audioset_as2m_r1"), folder, run folder, .pth, hf://')
+    p.add_argument("weights", help='any weight source: a tag ("ssam_base.audioset_as2m_r1"), a folder, a run '
+                   "folder, a .pth, hf://...")
     p.add_argument("out_dir")
     p.add_argument("--repo", default=None, help="the Hub repo it will be uploaded to (org/name), for the card and entry")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

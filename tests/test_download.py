@@ -157,7 +157,8 @@ def test_offline_with_nothing_cached_names_the_demo_tag(drive, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r'(?s)HF_HUB_OFFLINE.*"ssast_tiny.debian_cpu_demo"'):
         hear_msm.ssast_base.load_model()  # no demo weights of its own: the shipped ones are named
     assert drive.requests == []
-    _same_weights(hear_msm.create_model("ssam_tiny.debian_cpu_demo"), load_weights("ssam_tiny.debian_cpu_demo").state_dict)
+    demo = "ssam_tiny.debian_cpu_demo"  # what the message offers works offline
+    _same_weights(hear_msm.create_model(demo), load_weights(demo).state_dict)
 
 
 def test_unreachable_drive_is_one_message_with_the_manual_route(cache):

@@ -64,7 +64,8 @@ def test_parse_hf_uri():
     address = parse_hf_uri(f"hf://attentionisallyouneed369/ssamba/ssamba_tiny_400.pth@{commit}")
     assert address == ("attentionisallyouneed369/ssamba", "ssamba_tiny_400.pth", commit)
     assert (address.repo_id, address.filename, address.revision) == tuple(address)
-    assert parse_hf_uri("hf://org/repo/weights/v2/model.safetensors") == ("org/repo", "weights/v2/model.safetensors", None)
+    nested = parse_hf_uri("hf://org/repo/weights/v2/model.safetensors")
+    assert nested == ("org/repo", "weights/v2/model.safetensors", None)
     assert parse_hf_uri("hf://org/repo/file.bin@refs/pr/1") == ("org/repo", "file.bin", "refs/pr/1")
     for bad in ("hear-msm/ssam-tiny", "hf://ssam-tiny", "hf://org/repo/", "hf://org/repo//file.pth",
                 "hf://org/repo/../file.pth", "hf://org/repo@", "https://huggingface.co/org/repo",

@@ -118,7 +118,7 @@ def test_official_tag_explains_how_to_get_the_weights():
     # conftest points HTTPS at a closed loopback port: the download fails at once, with the manual route
     with pytest.raises(FileNotFoundError, match=r"(?s)Google Drive.*ssam_base_200_16x4_4x256_fp16_r1.*hear-msm convert"):
         hear_msm.create_model("ssam_base.audioset_as2m_r1")
-    with pytest.raises(FileNotFoundError, match=r"(?s)could not be reached.*hear-msm convert.*ssast_tiny.debian_cpu_demo"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)could not be reached.*hear-msm convert.*ssast_tiny\.debian_cpu_demo"):
         hear_msm.ssast_base.load_model("")
 
 
