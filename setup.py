@@ -28,6 +28,10 @@ setup(
         "torchaudio>=2.4",
         "xlstm==2.0.6",
         "huggingface-hub>=0.24",
+        # the authors' checkpoints on Google Drive, fetched on first use (hear_msm/_drive.py); filelock
+        # (also a huggingface-hub dependency) serialises concurrent downloads of one model
+        "gdown>=6.5",
+        "filelock>=3.12",
         "safetensors>=0.4",
         "soundfile>=0.12",
         "msgpack>=1.0",  # the authors' Flax checkpoints (MW-MAE / MAE), read without JAX

@@ -35,9 +35,10 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
     """Build a registered architecture, optionally with weights.
 
     name: an architecture from `list_models()`, or "arch.tag" to load that weight tag.
-    pretrained: False (random init), True (the architecture's default tag) or any weight
-        source accepted by `load_model` (path, "hf://org/repo@rev", tag). Weights must match
-        the architecture exactly; a checkpoint of another family or size is an error.
+    pretrained: False (random init), True (the architecture's default tag: the published weights,
+        downloaded into the Hugging Face cache on first use) or any weight source accepted by
+        `load_model` (path, "hf://org/repo@rev", "hf://org/repo/file.pth@rev", tag). Weights must
+        match the architecture exactly; a checkpoint of another family or size is an error.
     kernel: a runtime choice; each family accepts its own values and refuses others (ValueError
         naming them). SSAM, the selective scan, "auto" | "cuda" | "cpu" | "reference": "auto"
         takes mamba-ssm's fused kernel on CUDA and the compiled CPU scan on CPU, else the PyTorch
@@ -71,6 +72,7 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
     weights = load_weights("" if pretrained is True else pretrained, arch=arch)
     load_state_strict(model, weights)
     model.weights_source = weights.source
+    model.weights_facts = weights.facts
     return model
 
 
@@ -78,8 +80,9 @@ def load_model(source: str | os.PathLike, kernel: str = "auto") -> MaskedSpectro
     """Load a model from weights alone; the architecture comes from the weights.
 
     source: our format (folder with config.json + model.safetensors, or the .safetensors file),
-        "hf://org/repo[@revision]", an official run folder or .pth checkpoint (read without
-        executing pickle code), or "arch.tag".
+        "hf://org/repo[@revision]", "hf://org/repo/file.pth[@revision]", an official run folder or
+        .pth checkpoint (read without executing pickle code), or "arch.tag" (a registered tag,
+        downloaded on first use if it is not shipped).
     """
     from ._weights import instantiate, load_weights
 

@@ -1,31 +1,55 @@
-"""Weights on the Hugging Face Hub: ``hf://org/repo[@revision]`` addresses and cached downloads.
+"""Weights on the Hugging Face Hub: ``hf://`` addresses, the Hub cache and cached downloads.
 
 Downloads go through ``huggingface_hub.hf_hub_download``, so they share the user's Hub cache
-(``HF_HUB_CACHE``) and honour ``HF_HUB_OFFLINE``.  This module only turns the Hub's errors into
-messages that say what is missing and what to do about it, and optionally checks a SHA-256.
+(``HF_HUB_CACHE`` / ``HF_HOME``) and honour ``HF_HUB_OFFLINE``; both are read when a download is
+asked for, not when huggingface_hub was imported. This module turns the Hub's errors into messages
+that say what is missing and what to do about it, and checks each file's SHA-256: against a
+registered checksum when there is one, otherwise against the one recorded when the file was first
+downloaded (the name of its blob in the cache, which is the SHA-256 the Hub announced for it).
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
-__all__ = ["download_file", "parse_hf_uri", "sha256_of_file"]
+__all__ = [
+    "HubAddress", "download_file", "hub_cache_dir", "is_offline", "parse_hf_uri", "recorded_sha256", "sha256_of_file",
+]
 
-_HF_URI = re.compile(r"^hf://(?P<org>[A-Za-z0-9][\w.-]*)/(?P<name>[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^@\s]+))?$")
-_HF_URI_FORM = "hf://<org>/<repo> or hf://<org>/<repo>@<revision> (a branch, tag or 40-hex commit)"
+_HF_URI = re.compile(
+    r"^hf://(?P<org>[A-Za-z0-9][\w.-]*)/(?P<name>[A-Za-z0-9][\w.-]*)"
+    r"(?:/(?P<file>[\w.-]+(?:/[\w.-]+)*))?(?:@(?P<revision>[^@\s]+))?$"
+)
+_HF_URI_FORM = (
+    "hf://<org>/<repo>, hf://<org>/<repo>/<file> (one file of a repo, e.g. a .pth), each optionally "
+    "followed by @<revision> (a branch, tag or 40-hex commit)"
+)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _BLOCK_BYTES = 1 << 20
+_TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's truthy environment values
 
 
-def parse_hf_uri(uri: str) -> tuple[str, str | None]:
-    """Split ``hf://org/repo[@revision]`` into ``(repo_id, revision)``.
+class HubAddress(NamedTuple):
+    """``hf://org/repo[/file][@revision]`` taken apart; ``filename`` and ``revision`` may be None."""
+
+    repo_id: str
+    filename: str | None
+    revision: str | None
+
+
+def parse_hf_uri(uri: str) -> HubAddress:
+    """Split ``hf://org/repo[/path/file][@revision]`` into its parts.
 
     Args:
-        uri: e.g. ``"hf://org/ssam-tiny"`` or ``"hf://org/ssam-tiny@v1.0"``.
+        uri: e.g. ``"hf://org/ssam-tiny"``, ``"hf://org/ssam-tiny@v1.0"`` or
+            ``"hf://attentionisallyouneed369/ssamba/ssamba_tiny_400.pth@25497b5..."``.
 
     Returns:
-        ``("org/ssam-tiny", None)`` or ``("org/ssam-tiny", "v1.0")``; ``None`` means the
+        ``HubAddress("org/ssam-tiny", None, None)`` and so on; a ``None`` filename means the
+        repo holds hear_msm weights (config.json + model.safetensors), a ``None`` revision the
         default branch.
 
     Raises:
@@ -41,7 +65,32 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None]:
         validate_repo_id(repo_id)  # the Hub's own rules: no "--" or "..", length, ...
     except ValueError as err:
         raise ValueError(f"not a valid Hub repo id in {uri!r} ({err}); expected {_HF_URI_FORM}") from None
-    return repo_id, match.group("revision")
+    filename = match.group("file")
+    if filename is not None and any(part in (".", "..") for part in filename.split("/")):
+        raise ValueError(f"not a file of a Hub repo in {uri!r}: no '.' or '..' path parts; expected {_HF_URI_FORM}")
+    return HubAddress(repo_id, filename, match.group("revision"))
+
+
+def hub_cache_dir() -> Path:
+    """The Hub cache as huggingface_hub would find it if it were imported now.
+
+    ``HF_HUB_CACHE``, else ``HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``.
+    """
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(os.path.expandvars(os.path.expanduser(explicit)))
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return Path(os.path.expandvars(os.path.expanduser(home))) / "hub"
+
+
+def is_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set now or was at import."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in _TRUE or bool(constants.HF_HUB_OFFLINE)
 
 
 def download_file(
@@ -58,10 +107,12 @@ def download_file(
         repo_id: ``"org/name"``.
         filename: path of the file inside the repo, e.g. ``"model.safetensors"``.
         revision: branch, tag or commit hash; ``None`` is the default branch (``main``).
-        sha256: if given (64 hex digits), the file's SHA-256 must match, else ``ValueError``.
+        sha256: if given (64 hex digits), the file's SHA-256 must match, else ``ValueError``;
+            if not, the file must match the SHA-256 recorded when it was first downloaded
+            (``recorded_sha256``), if one was.
         endpoint: Hub URL, e.g. ``"http://127.0.0.1:8080"``; ``None`` uses ``HF_ENDPOINT`` or
             https://huggingface.co.
-        cache_dir: Hub cache folder; ``None`` uses ``HF_HUB_CACHE``.
+        cache_dir: Hub cache folder; ``None`` uses ``hub_cache_dir()`` (``HF_HUB_CACHE``, ``HF_HOME``).
 
     Returns:
         Path of the file inside the cache (a symlink into ``blobs/`` on most systems).
@@ -71,7 +122,7 @@ def download_file(
             cannot be reached (offline, no network) and the file is not in the cache.
         ValueError: ``sha256`` is malformed or does not match the file.
     """
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import (
         EntryNotFoundError,
         GatedRepoError,
@@ -82,7 +133,8 @@ def download_file(
 
     if sha256 is not None and not _SHA256.match(sha256.lower()):
         raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
-    cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    cache = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     what = f"{filename!r} of {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
 
     try:
@@ -92,7 +144,8 @@ def download_file(
                 filename=filename,
                 revision=revision,
                 endpoint=endpoint,
-                cache_dir=cache_dir,
+                cache_dir=str(cache),
+                local_files_only=is_offline(),
             )
         )
     # Order matters: GatedRepoError subclasses RepositoryNotFoundError, and
@@ -119,17 +172,33 @@ def download_file(
             f"cannot download {what}: the repository has no file {filename!r} at that revision"
         ) from err
 
-    if sha256 is not None:
+    expected, recorded = (sha256.lower(), "registered") if sha256 is not None else (recorded_sha256(local), "recorded")
+    if expected is not None:
         actual = sha256_of_file(local)
-        if actual != sha256.lower():
+        if actual != expected:
             cache_flag = f" --cache-dir {cache}" if cache_dir is not None else ""
             raise ValueError(
-                f"SHA-256 mismatch for {local} ({what}): expected {sha256.lower()}, got {actual}. The "
-                "cached copy is corrupt or the repository changed. Delete it (remove "
-                f"{local.resolve()} and {local}, or run `hf cache rm model/{repo_id}{cache_flag}`) and download "
-                "again, or pin the revision the checksum belongs to."
+                f"SHA-256 mismatch for {local} ({what}): the {recorded} checksum is {expected}, the file's is "
+                f"{actual}. The cached copy is corrupt or changed since it was downloaded, or the repository "
+                f"changed. Delete it (remove {local.resolve()} and {local}, or run "
+                f"`hf cache rm model/{repo_id}{cache_flag}`) and download again, or pin the revision the "
+                "checksum belongs to."
             )
     return local
+
+
+def recorded_sha256(local: Path) -> str | None:
+    """The SHA-256 recorded for a cached file when it was downloaded, if the cache recorded one.
+
+    The Hub cache keeps every file as ``blobs/<etag>`` behind a symlink in ``snapshots/``; for
+    files stored with Git LFS (weights) the etag is the file's SHA-256, as the Hub announced it
+    in the download's headers. Small files kept in git (config.json) have a 40-hex git hash
+    there instead, and caches without symlinks (Windows) no blob name: then ``None``.
+    """
+    if not local.is_symlink():
+        return None
+    name = local.resolve().name
+    return name if _SHA256.match(name) else None
 
 
 def sha256_of_file(path: str | Path) -> str:
@@ -150,10 +219,8 @@ def _endpoint_name(endpoint: str | None) -> str:
 
 
 def _not_cached_message(repo_id: str, filename: str, revision: str | None, cache: Path) -> str:
-    from huggingface_hub import constants
-
     download = f"hf download {repo_id} {filename}" + (f" --revision {revision}" if revision else "")
-    if constants.HF_HUB_OFFLINE:
+    if is_offline():
         why = "HF_HUB_OFFLINE is set, so the Hub was not contacted"
         online = "unset HF_HUB_OFFLINE (or set it to 0) to download on first use, or run"
     else:

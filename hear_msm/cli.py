@@ -1,4 +1,4 @@
-"""`hear-msm` command line: list models, embed audio files, convert official checkpoints."""
+"""`hear-msm` command line: list models, embed audio files, convert official checkpoints, export for the Hub."""
 from __future__ import annotations
 
 import argparse
@@ -127,6 +127,39 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_export_hub(args) -> int:
+    import json
+
+    from hear_msm._weights import EXPORT_DTYPES, export_for_hub, weight_tags
+
+    if args.repo is not None:  # refused now rather than written into the card and the entry
+        from hear_msm._hub import parse_hf_uri
+
+        try:
+            address = parse_hf_uri(f"hf://{args.repo}")
+        except ValueError:
+            address = None
+        if address is None or address.filename or address.revision:
+            raise ValueError(f"--repo must be a Hub repo id, <org>/<name>; got {args.repo!r}")
+    done = export_for_hub(args.weights, args.out_dir, repo_id=args.repo, dtype=EXPORT_DTYPES[args.dtype],
+                          overwrite=args.overwrite)
+    repo, folder = done["entry"]["hub_repo"], done["directory"]
+    where = (f'weights/registry.json, models -> "{done["arch"]}" -> tags -> "{done["label"].split(".", 1)[1]}"'
+             if done["label"] else f'weights/registry.json, models -> "{done["arch"]}" -> tags, as a new tag')
+    print(f"wrote {folder}: config.json, model.safetensors (sha256 {done['entry']['sha256']}), README.md")
+    print(f"1. upload it:  hf upload {repo} {folder} . --repo-type model")
+    print("2. add these fields to " + where + ", with the commit hash that ends the URL the upload printed:")
+    print(json.dumps(done["entry"], indent=1))
+    arch, tag = done["arch"], (done["label"] or ".").split(".", 1)[1]
+    entry = weight_tags(arch).get(tag, {})
+    if entry.get("file"):
+        print("   (a shipped tag keeps loading the file in the package; the upload serves hf:// users)")
+    else:
+        print("   From then on the tag loads from the Hub (that revision, SHA-256 checked)"
+              + (" instead of Google Drive." if entry.get("google_drive_folder") else "."))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import hear_msm
 
@@ -141,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed audio files into an .npz (scene + timestamp embeddings)")
     p.add_argument("files", nargs="+", help="audio files (any rate / channel count soundfile reads)")
     p.add_argument("--model", required=True, choices=hear_msm.list_models())
-    p.add_argument("--weights", default="", help='weight source; default: the model\'s default tag')
+    p.add_argument("--weights", default="", help="weight source; default: the model's default tag (the published "
+                   "weights, downloaded once on first use; e.g. ssam_tiny.debian_cpu_demo works offline)")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--layout", default="time", choices=["time", "official"],
                    help="'official' reproduces the authors' scrambled frame layout (published numbers)")
@@ -157,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--overwrite", action="store_true", help="replace weights already in out_dir")
     p.set_defaults(run=_cmd_convert)
+
+    p = sub.add_parser("export-hub", help="write a folder ready for `hf upload` and print its registry entry")
+    p.add_argument("weights", help='any weight source: a tag ("ssam_base.audioset_as2m_r1"), a folder, a run '
+                   "folder, a .pth, hf://...")
+    p.add_argument("out_dir")
+    p.add_argument("--repo", default=None, help="the Hub repo it will be uploaded to (org/name), for the card and entry")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--overwrite", action="store_true", help="replace weights already in out_dir")
+    p.set_defaults(run=_cmd_export_hub)
 
     from .training.commands import register_commands
 

@@ -5,7 +5,7 @@
     python scripts/probe_dev_tasks.py --tasks dev_tasks --models ssast_tiny ssam_tiny axlstm_tiny \
         --out probe.json [--cache emb_cache]
 
-For every model and weight choice (`shipped` = the default tag from weights/registry.json,
+For every model and weight choice (`shipped` = the shipped CPU demo tag `<arch>.debian_cpu_demo`,
 `random` = the same architecture freshly initialised with --seed, or any weight source) the HEAR
 scene embeddings of every clip are computed, a logistic regression (standardised features,
 scikit-learn, L2, C=1) is fitted on the `train` split (one soundfont) and scored on `valid` and
@@ -54,7 +54,7 @@ def hear_model(arch: str, weights: str, seed: int):
         torch.manual_seed(seed)
         return HearModel(hear_msm.create_model(arch), weights=f"random init (seed {seed})")
     module = __import__(f"hear_msm.{arch}", fromlist=["load_model"])
-    return module.load_model("" if weights == "shipped" else weights)
+    return module.load_model(f"{arch}.debian_cpu_demo" if weights == "shipped" else weights)
 
 
 def embed(name: str, make, audio: dict[str, torch.Tensor], cache: Path | None) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -46,8 +47,10 @@ class FakeHub:
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
 
     def add(self, repo_id: str, revision: str, files: dict[str, bytes]) -> str:
-        """Publish ``files`` as ``repo_id`` at ``revision``; returns the revision's commit hash."""
-        commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+        """Publish ``files`` as ``repo_id`` at ``revision``; returns the revision's commit hash (the
+        revision itself when it is a 40-hex commit hash, as a pinned registry entry names one)."""
+        is_commit = re.fullmatch(r"[0-9a-f]{40}", revision) is not None
+        commit = revision if is_commit else hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
         with self._lock:
             self._repos.setdefault(repo_id, {})[revision] = (commit, dict(files))
         return commit

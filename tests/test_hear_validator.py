@@ -1,11 +1,15 @@
 """The real `hear-validator` (hearvalidator 2021.0.6) accepts every hear_msm module on CPU.
 
 Weights alternate between the two loaders: our format (a random-init folder with config.json +
-model.safetensors, written by save_pretrained) and the authors' checkpoint format
-(torch.save({'model': state_dict, 'epoch': 0}) of tests/random_checkpoint.py's state dict for
-SSAST / SSAM / AxLSTM), so every family is validated with both. 10-60 s per model on one CPU
-thread (ssam_base and ssamba_base slowest).
+model.safetensors, written by save_pretrained) for even-indexed models, and the authors' checkpoint
+format for odd-indexed ones: torch.save({'model': state_dict, 'epoch': 0}) of
+tests/random_checkpoint.py's state dict for SSAST / SSAM / AxLSTM, and for SSAMBA the Hub file's
+own layout, torch.save(DataParallel(model).state_dict()) (every key prefixed `module.`, int64
+0-dim `p_input_*`) of tests/random_ssamba_checkpoint.py's state dict, named as on the Hub. So
+every family is validated with both. 10-60 s per model on one CPU thread (ssam_base and
+ssamba_base slowest).
 """
+import collections
 import importlib.util
 import os
 import shutil
@@ -18,6 +22,7 @@ import torch
 
 import hear_msm
 from random_checkpoint import random_official_state_dict
+from random_ssamba_checkpoint import random_ssamba_state_dict
 
 # the venv's bin/ is not on PATH when pytest runs as .venv/bin/python -m pytest
 _BESIDE = Path(sys.executable).parent / "hear-validator"
@@ -30,18 +35,22 @@ pytestmark = pytest.mark.skipif(
 
 
 def _weights(arch, folder):
-    if ARCHS.index(arch) % 2 == 0 or arch.startswith(("ssamba", "mwmae", "mae")):
+    if ARCHS.index(arch) % 2 == 0 or arch.startswith(("mwmae", "mae")):
         from hear_msm._weights import save_pretrained
 
         save_pretrained(hear_msm.create_model(arch), folder / arch)
         return folder / arch
+    if arch.startswith("ssamba_"):
+        path = folder / f"{arch}_400.pth"  # the Hub file's name and layout
+        torch.save(collections.OrderedDict(random_ssamba_state_dict(arch)), path)
+        return path
     path = folder / f"{arch}-checkpoint-0.pth"
     torch.save({"model": random_official_state_dict(arch), "epoch": 0}, path)
     return path
 
 
 def test_both_loaders_are_exercised_per_family():
-    for family in ("ssast", "ssam", "axlstm"):
+    for family in ("ssast", "ssam", "axlstm", "ssamba"):
         kinds = {ARCHS.index(a) % 2 for a in ARCHS if a.startswith(family + "_")}
         assert kinds == {0, 1}, family
 

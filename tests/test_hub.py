@@ -56,12 +56,20 @@ def _run_offline(cache: Path, *call_args: str) -> dict:
 
 
 def test_parse_hf_uri():
-    assert parse_hf_uri("hf://hear-msm/ssam-tiny") == ("hear-msm/ssam-tiny", None)
-    assert parse_hf_uri("hf://hear-msm/ssam_tiny.v2@v1.0") == ("hear-msm/ssam_tiny.v2", "v1.0")
+    assert parse_hf_uri("hf://hear-msm/ssam-tiny") == ("hear-msm/ssam-tiny", None, None)
+    assert parse_hf_uri("hf://hear-msm/ssam_tiny.v2@v1.0") == ("hear-msm/ssam_tiny.v2", None, "v1.0")
     commit = "a" * 40
-    assert parse_hf_uri(f"hf://org/repo@{commit}") == ("org/repo", commit)
-    for bad in ("hear-msm/ssam-tiny", "hf://ssam-tiny", "hf://org/repo/file.bin", "hf://org/repo@",
-                "https://huggingface.co/org/repo", "hf://org/re--po", "hf://org/repo@a@b"):
+    assert parse_hf_uri(f"hf://org/repo@{commit}") == ("org/repo", None, commit)
+    # one file of a repo of several (SSAMBA's layout), optionally in a sub-folder
+    address = parse_hf_uri(f"hf://attentionisallyouneed369/ssamba/ssamba_tiny_400.pth@{commit}")
+    assert address == ("attentionisallyouneed369/ssamba", "ssamba_tiny_400.pth", commit)
+    assert (address.repo_id, address.filename, address.revision) == tuple(address)
+    nested = parse_hf_uri("hf://org/repo/weights/v2/model.safetensors")
+    assert nested == ("org/repo", "weights/v2/model.safetensors", None)
+    assert parse_hf_uri("hf://org/repo/file.bin@refs/pr/1") == ("org/repo", "file.bin", "refs/pr/1")
+    for bad in ("hear-msm/ssam-tiny", "hf://ssam-tiny", "hf://org/repo/", "hf://org/repo//file.pth",
+                "hf://org/repo/../file.pth", "hf://org/repo@", "https://huggingface.co/org/repo",
+                "hf://org/re--po", "hf://org/repo@a@b", "hf://org/repo/file.pth@"):
         with pytest.raises(ValueError, match=r"hf://<org>/<repo>"):
             parse_hf_uri(bad)
 
@@ -137,7 +145,7 @@ def test_sha256_is_checked(hub, tmp_path):
 
 def test_pinned_commit(hub, tmp_path):
     v1_commit = hub.commit_of("hear-msm/ssam-tiny", "v1")
-    repo_id, revision = parse_hf_uri(f"hf://hear-msm/ssam-tiny@{v1_commit}")
+    repo_id, _, revision = parse_hf_uri(f"hf://hear-msm/ssam-tiny@{v1_commit}")
     path = download_file(repo_id, "model.safetensors", revision=revision, endpoint=hub.endpoint, cache_dir=tmp_path)
     assert path.read_bytes() == OLD_WEIGHTS
     assert path.parent.name == v1_commit  # snapshots/<commit>/model.safetensors
