@@ -21,12 +21,15 @@ FAMILY_NAMES = {
     "mamba": "SSAM (Audio Mamba)",
     "xlstm": "AxLSTM (Audio xLSTM)",
     "ssamba": "SSAMBA (self-supervised bidirectional Mamba)",
+    "mwmae": "MW-MAE / MAE (ViT encoder of a masked autoencoder)",
 }
 PAPERS = {
     "transformer": "Gong et al., SSAST (AAAI 2022), as trained by Yadav & Tan, arXiv:2406.02178",
     "mamba": "Yadav & Tan, Audio Mamba (Interspeech 2024), arXiv:2406.02178",
     "xlstm": "Yadav, Theodoridis & Tan, Audio xLSTMs, arXiv:2408.16568",
     "ssamba": "Shams, Dindar, Jiang & Mesgarani, SSAMBA (SLT 2024), arXiv:2405.11831",
+    "mwmae": "Yadav, Theodoridis, Hansen & Tan, Masked Autoencoders with Multi-Window Local-Global Attention "
+             "Are Better Audio Learners (ICLR 2024)",
 }
 _FRONTENDS = {
     "logmel": ("log-mel as the authors compute it: torchaudio MelSpectrogram (25 ms window, 10 ms hop, "

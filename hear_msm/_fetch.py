@@ -11,7 +11,8 @@ so `hf cache ls` lists it and `hf cache rm model/hear-msm-gdrive/<arch>.<tag>` r
     <hub cache>/models--hear-msm-gdrive--<arch>.<tag>/
         refs/main                     the Drive file id of the snapshot in use (written last)
         snapshots/<Drive file id>/    config.json, model.safetensors, README.md, download.json
-        blobs/<Drive file id>.pth     the checkpoint while it downloads and converts (gdown's .part beside it)
+        blobs/<Drive file id>/<name>  the checkpoint, under its name on Drive, while it downloads and converts
+                                      (gdown's .part beside it)
     <hub cache>/.locks/models--hear-msm-gdrive--<arch>.<tag>/download.lock
 
 The hub cache is `HF_HUB_CACHE` (or `HF_HOME/hub`, as huggingface_hub finds it); `HF_HUB_OFFLINE=1`
@@ -120,7 +121,7 @@ def _download_and_convert(repo: Path, label: str, entry: dict, manual_route: str
           f"({folder}) into {repo}", file=sys.stderr)
     try:
         file_id = _drive.find_file(folder, checkpoint)
-        blob = repo / "blobs" / f"{file_id}.pth"
+        blob = repo / "blobs" / file_id / Path(checkpoint).name  # its own name: Flax runs are found by it
         checkpoint_sha256 = _drive.download(file_id, blob, label)
     except _drive.DriveError as error:
         raise FileNotFoundError(

@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from . import _checkpoint, _fetch, _hub
+from . import _checkpoint, _fetch, _flax_checkpoint, _hub
 from ._cards import PAPERS, CardFacts, model_card
 from .models.encoder import EncoderConfig, MaskedSpectrogramModel, config_from_dict
 from .models.registry import build_from_config, list_models, model_builder
@@ -48,7 +48,8 @@ ACCEPTED = (
     'accepted weight sources: "" (the default tag), "<arch>.<tag>" (see `hear-msm list`), '
     '"hf://org/repo[@revision]" (hear_msm weights) or "hf://org/repo/<file>[@revision]" (one file: '
     ".safetensors or .pth), a folder or .safetensors file in hear_msm format "
-    "(config.json + model.safetensors), or an official run folder / .pth checkpoint"
+    "(config.json + model.safetensors), an official run folder / .pth checkpoint, or an MW-MAE / MAE "
+    "Flax run folder / checkpoint_<step> file / Orbax directory"
 )
 # a config.json of our format is a few hundred bytes
 MAX_CONFIG_BYTES = 1 << 20
@@ -185,7 +186,7 @@ def _load_drive(arch: str, tag: str, entry: dict) -> LoadedWeights:
     label = f"{arch}.{tag}"
 
     def convert(checkpoint: Path, snapshot: Path, manifest: dict) -> None:
-        weights = _load_official(checkpoint, arch)
+        weights = _load_flax(checkpoint) if entry.get("format") == "flax" else _load_official(checkpoint, arch)
         model = instantiate(weights)
         if model.config.arch != arch:
             raise ValueError(f"it holds weights of {model.config.arch}, not {arch}")
@@ -381,7 +382,21 @@ def load_weights(source: str | os.PathLike, arch: str | None = None) -> LoadedWe
         weights = _load_ours(path, str(path))
         weights.facts = CardFacts(provenance=(f"hear_msm weights from `{path.name}`",))
         return weights
+    if _flax_checkpoint.is_flax_checkpoint(path):
+        return _load_flax(path)
     return _load_official(path, arch)
+
+
+def _load_flax(path: Path) -> LoadedWeights:
+    """An MW-MAE / MAE run of the authors' Flax trainer (run folder, `checkpoint_<step>` file or Orbax
+    directory), read with msgpack and numpy only (no JAX, no pickle), mapped strictly to our keys."""
+    from .models.mwmae import flax_weights
+
+    config, state_dict, step = flax_weights(path)
+    at = f", step {step}" if step is not None else ""
+    facts = CardFacts(provenance=(f"converted from the authors' Flax checkpoint `{Path(path).name}`{at}",),
+                      paper=PAPERS.get(config.family))
+    return LoadedWeights(config, state_dict, f"Flax checkpoint {path}{at}", facts)
 
 
 # ------------------------------------------------------------------------------------ building

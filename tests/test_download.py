@@ -198,7 +198,7 @@ def test_interrupted_download_resumes_and_never_leaves_weights_behind(drive, off
     with pytest.raises(FileNotFoundError, match=r"(?s)did not complete after 3 attempts.*kept in .*resumes"):
         hear_msm.create_model("axlstm_tiny", pretrained=True)
     files = _entry_files(cache)
-    assert len(files) == 1 and files[0].startswith(f"blobs/{checkpoint_id}.pth") and files[0].endswith(".part")
+    assert len(files) == 1 and files[0].startswith(f"blobs/{checkpoint_id}/") and files[0].endswith(".part")
     kept = (cache / f"models--hear-msm-gdrive--{LABEL}" / files[0]).stat().st_size
     assert 0 < kept < len(body)
 

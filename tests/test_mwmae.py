@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+
+import hear_msm
 import torch.nn.functional as F
 from conftest import FIXTURES, TESTS_DIR
 from flax_random_tree import random_flax_params, reference_params, reference_tree
@@ -504,6 +506,14 @@ def test_flax_weights_recognises_the_preset_and_loads_it(tmp_path, mwmae):
                                torch.from_numpy(params["encoder_block_04/Mlp_0/Dense_1/kernel"].T), rtol=0, atol=0)
     with pytest.raises(ValueError, match="not an MW-MAE/MAE encoder of a known size"):
         mwmae.flax_weights(FLAX / "mwmae_tiny_legacy")  # the reduced fixture model is no preset
+    # a Flax run folder is a weight source everywhere: load_model, and `hear-msm convert` to our format
+    loaded = hear_msm.load_model(run)
+    assert loaded.config == tiny.config and torch.equal(loaded.blocks[4].mlp.layer2.weight, encoder.blocks[4].mlp.layer2.weight)
+    from hear_msm.cli import main
+
+    assert main(["convert", str(run), str(tmp_path / "converted")]) == 0
+    converted = hear_msm.load_model(tmp_path / "converted")
+    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), loaded.state_dict().values()))
 
 
 @pytest.mark.parametrize("model", list(ENCODER_PARAMS))
