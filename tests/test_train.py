@@ -438,12 +438,12 @@ def test_divergence_advice_is_accepted_by_resume_and_recorded(audio_dir, tmp_pat
     peak = 0.005 * 4 / 256  # the new peak: step 3 (index 3) is the first after the 2-step warm-up
     assert float(rows[3]["lr"]) == pytest.approx(peak * run_config.lr_factor(3, 2, 6, 0.0), rel=1e-5)
     card = (run / "final" / "README.md").read_text()
-    assert "Resumed at step 3 with base_lr 0.01 -> 0.005, grad_clip 0.0 -> 1.0." in card and "nan" not in card
+    assert "Resumed at step 3 with base_lr 0.01 -> 0.005, grad_clip 0.0 -> 1.0." in card and "loss nan" not in card
 
     # a finished run resumed takes no step and keeps its loss in the card
     before = load_file(str(run / "final" / "model.safetensors"))
     assert main(["pretrain", "--out", str(run), "--resume", "--no-progress"]) == 0
-    assert "nan" not in (run / "final" / "README.md").read_text()
+    assert "loss nan" not in (run / "final" / "README.md").read_text()
     after = load_file(str(run / "final" / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._cards import CardFacts, model_card
 from .._files import atomic_write, write_text_atomic
 from .config import ADJUSTABLE_FIELDS, FINAL_DIR, LOG_NAME, TrainConfig
 
@@ -22,13 +23,8 @@ def export(model, out: Path, config: TrainConfig, steps: int, loss: float, secon
     dtype = EXPORT_DTYPES[config.export_dtype]
     if dtype is not None:  # a converted copy: Module.to casts floating-point tensors only (SSAMBA keeps int64 buffers)
         model, dtype = copy.deepcopy(model).to(dtype), None
-    card = (
-        f"---\nlibrary_name: hear_msm\ntags: [audio, hear, self-supervised, {model.config.family}]\n---\n\n"
-        f"# {model.config.arch} pretrained with hear-msm pretrain\n\n"
-        f"Data: {source.describe() if source is not None else config.data}.\n\n"
-        f"Budget: {steps} steps x batch {config.batch_size} = {steps * config.batch_size} clips of "
-        f"{config.num_frames / 100:g} s; wall time {seconds / 60:.1f} min; final training loss {loss:.4f}.\n\n"
-        f"Recipe: mask {config.mask_mode} {config.mask_ratio:g}, loss "
+    recipe = (
+        f"mask {config.mask_mode} {config.mask_ratio:g}, loss "
         f"{f'{config.generative_weight:g} x ' if config.generative_weight != 1 else ''}MSE over "
         f"{'masked' if config.masked_only_loss else 'all'} patches"
         f"{' (targets standardised per patch)' if config.patch_normalized_targets else ''}"
@@ -36,17 +32,25 @@ def export(model, out: Path, config: TrainConfig, steps: int, loss: float, secon
         f"{f', through a {config.decoder_depth}-block training-only decoder' if config.decoder_depth else ''}"
         f"{f', drop path {config.drop_path_rate:g}' if config.drop_path_rate else ''}, AdamW lr {config.lr:.3g} "
         f"(base {config.base_lr:g} x {config.batch_size}/256, {config.lr_schedule} after warm-up), "
-        f"betas ({config.beta1:g}, {config.beta2:g}), wd {config.weight_decay:g}, seed {config.seed}.\n\n"
-        f"{_schedule_changes(list(resumes))}"
-        "```python\nimport hear_msm\nmodel = hear_msm.load_model(\"path/to/this/folder\")\n```\n"
+        f"betas ({config.beta1:g}, {config.beta2:g}), wd {config.weight_decay:g}, seed {config.seed}"
     )
+    provenance = (
+        f"data: {source.describe() if source is not None else config.data}",
+        f"budget: {steps} steps x batch {config.batch_size} = {steps * config.batch_size} clips of "
+        f"{config.num_frames / 100:g} s; wall time {seconds / 60:.1f} min; final training loss {loss:.4f}",
+        f"recipe: {recipe}",
+        *_schedule_changes(list(resumes)),
+    )
+    card = model_card(model.config, CardFacts(title=f"{model.config.arch} pretrained with hear-msm pretrain",
+                                              provenance=provenance),
+                      params=sum(p.numel() for p in model.parameters()))
     target = out / FINAL_DIR
     save_pretrained(model, target, dtype=dtype, overwrite=True, model_card=card)
     write_text_atomic(target / "README.md", card)  # save_pretrained keeps an existing card: a rerun replaces its own
     return target
 
 
-def _schedule_changes(resumes: list[dict]) -> str:
+def _schedule_changes(resumes: list[dict]) -> list[str]:
     """'Resumed at step 3 with base_lr 0.01 -> 0.005.' for each resume that changed the schedule."""
     lines = []
     for entry in resumes:
@@ -54,7 +58,7 @@ def _schedule_changes(resumes: list[dict]) -> str:
         if changed:
             lines.append(f"Resumed at step {entry['step']} with "
                          + ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items()) + ".")
-    return "".join(line + "\n\n" for line in lines)
+    return lines
 
 
 # ------------------------------------------------------------------------------------ plotting
