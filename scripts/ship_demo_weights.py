@@ -23,12 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights"
-FAMILY_NAMES = {"transformer": "SSAST (Transformer)", "mamba": "SSAM (Audio Mamba)", "xlstm": "AxLSTM (Audio xLSTM)"}
-PAPERS = {
-    "transformer": "Gong et al., SSAST (AAAI 2022), as trained by Yadav & Tan, arXiv:2406.02178",
-    "mamba": "Yadav & Tan, Audio Mamba (Interspeech 2024), arXiv:2406.02178",
-    "xlstm": "Yadav, Theodoridis & Tan, Audio xLSTMs, arXiv:2408.16568",
-}
+LICENSE = "MIT (code); trained on Debian-packaged audio under the packages' licences (see the Data section)"
 
 
 def sha256(path: Path) -> str:
@@ -128,8 +123,13 @@ def recipe_flags(cfg: dict) -> str:
     return flags
 
 
-def model_card(arch: str, tag: str, family: str, summary: dict, corpus: dict, shards: dict,
-               probe: list[dict] | None, embed_dim: int, params: int) -> str:
+def model_card(config, tag: str, summary: dict, corpus: dict, shards: dict, probe: list[dict] | None,
+               params: int) -> str:
+    """The demo tag's card, written by hear_msm's one card writer (`hear_msm._cards.model_card`)."""
+    from hear_msm._cards import FAMILY_NAMES, PAPERS, CardFacts
+    from hear_msm._cards import model_card as write_card
+
+    arch = config.arch
     cfg = summary["config"]
     clips = summary["steps"] * cfg["batch_size"]
     lr = cfg["base_lr"] * cfg["batch_size"] / 256
@@ -143,22 +143,14 @@ def model_card(arch: str, tag: str, family: str, summary: dict, corpus: dict, sh
         "accuracy:\n\n" + probe_table(probe, arch)
         if probe else "Not probed yet."
     )
-    return f"""---
-library_name: hear_msm
-tags: [audio, hear, self-supervised, {family}]
----
-
-# {arch}.{tag}: CPU demo weights, not the AudioSet models
-
-{FAMILY_NAMES[family]} tiny ({params:,} parameters, embed_dim {embed_dim}), pretrained with
-`hear-msm pretrain` (masked spectrogram modelling) on one thread of a CPU, on
-{corpus['hours']:.1f} h of audio from Debian packages. They exist so that `hear_msm.{arch}` embeds audio
-offline out of the box and so that the training code is shown to work end to end. **They are not the
-authors' AudioSet models** (2 M clips, 100 epochs, batch 1024 on 4 GPUs); for research results use
-`{arch}.audioset_as2m_r1` (see `hear-msm list` and the README). Paper: {PAPERS[family]}.
-
-## Data
-Built by `scripts/build_pretrain_corpus.py` (apt-get download + dpkg -x, Debian 12 "bookworm"):
+    summary_text = (
+        f"{FAMILY_NAMES[config.family]} tiny ({params:,} parameters, embed_dim {config.embed_dim}), pretrained with "
+        f"`hear-msm pretrain` (masked spectrogram modelling) on one thread of a CPU, on {corpus['hours']:.1f} h of "
+        "audio from Debian packages. They exist so that hear_msm embeds audio offline and so that the training code "
+        "is shown to work end to end. **They are not the authors' AudioSet models** (2 M clips, 100 epochs, batch "
+        f"1024 on 4 GPUs), which are `{arch}`'s default weights (`{arch}.audioset_as2m_r1`)."
+    )
+    data = f"""Built by `scripts/build_pretrain_corpus.py` (apt-get download + dpkg -x, Debian 12 "bookworm"):
 {corpus['files']} files, {corpus['hours']:.2f} h. `hear-msm prepare-shards` skipped {shards['skipped']['too_short']} files shorter
 than 0.5 s and cut longer files into 10 s clips: {shards['clips']:,} clips, {shards['hours']:.2f} h, in {shards['shards']}
 tar shards of log-mels.
@@ -173,13 +165,11 @@ songs, game music, LMMS samples). Licences are those of the packages
 (`/usr/share/doc/<package>/copyright`): Asterisk prompts CC-BY-SA 3.0 / CC-BY 3.0, KDE, Fish Fillets,
 Wesnoth, Frozen Bubble, Extreme Tux Racer data GPL-2(+), Warzone 2100 music CC-BY-SA 3.0 / CC0,
 Frets on Fire songs GPL / MIT-style, LMMS samples GPL-2+ / CC-BY-SA, Sonic Pi samples mostly CC0
-(a few CC-BY-SA 4.0); check them before redistributing weights trained on them.
-
-## Budget (identical for ssast_tiny, ssam_tiny and axlstm_tiny)
-{summary['steps']} optimizer steps x batch {cfg['batch_size']} = {clips} random 2 s crops
+(a few CC-BY-SA 4.0); check them before redistributing weights trained on them."""
+    budget = f"""{summary['steps']} optimizer steps x batch {cfg['batch_size']} = {clips} random 2 s crops
 ({clips * 2 / 3600:.2f} h of crops, {clips / shards['clips']:.2f} epochs of the {shards['clips']:,} clips),
 seed {cfg['seed']}, {cfg['precision']} autocast, one thread on a shared 2-core CPU (two runs at a time):
-**{summary['wall_s'] / 60:.1f} min wall time**.
+**{summary['wall_s'] / 60:.1f} min wall time**, identical for ssast_tiny, ssam_tiny and axlstm_tiny.
 
 Recipe: mask ratio {cfg['mask_ratio']} ({cfg['mask_mode']}), MSE over
 {'masked' if cfg['masked_only_loss'] else 'all'} patches, AdamW betas ({cfg['beta1']}, {cfg['beta2']}),
@@ -192,30 +182,22 @@ Loss: {summary['first_loss']:.3f} at step {summary['log_every']} -> {summary['fi
 
 ![loss](loss.png)
 
-## Did it learn anything?
-{probe_text}
-
-## Use
-
-```python
-import hear_msm.{arch} as module            # the default weights of {arch} are these
-model = module.load_model()                  # or load_model("{arch}.{tag}")
-scene = module.get_scene_embeddings(audio_16k, model)   # [n, {5 * embed_dim}]
-```
-
 Stored as float16 (`model.safetensors`; its sha256 is in weights/registry.json and checked on load);
-loaded into float32.
-
-## Reproduce
-```bash
+loaded into float32."""
+    reproduce = f"""```bash
 python scripts/build_pretrain_corpus.py corpus
 hear-msm prepare-shards corpus/audio shards
 OMP_NUM_THREADS=1 hear-msm pretrain --model {arch} --data shards --out runs/{arch} \\
     --steps {summary['steps']} --batch-size {cfg['batch_size']} --base-lr {cfg['base_lr']} \\
     --warmup-steps {cfg['warmup_steps']} --seed {cfg['seed']} --precision {cfg['precision']}{recipe_flags(cfg)}
 python scripts/ship_demo_weights.py runs/{arch} --tag {tag} --corpus corpus/corpus.json --shards shards/shards.json
-```
-"""
+```"""
+    facts = CardFacts(
+        title=f"{arch}.{tag}: CPU demo weights, not the AudioSet models", summary=summary_text,
+        provenance=(f"shipped with hear_msm as the tag `{arch}.{tag}`",), license=LICENSE,
+        paper=PAPERS[config.family], load_with=f"{arch}.{tag}",
+        sections=(("Data", data), ("Budget", budget), ("Did it learn anything?", probe_text), ("Reproduce", reproduce)))
+    return write_card(config, facts, params=params)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", required=True, type=Path, help="corpus.json from build_pretrain_corpus.py")
     parser.add_argument("--shards", required=True, type=Path, help="shards.json from hear-msm prepare-shards")
     parser.add_argument("--probe", type=Path, nargs="+", help="results JSON of probe_dev_tasks.py")
-    parser.add_argument("--set-default", action="store_true", help="make the tag the architecture's default")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
     import hear_msm
+    from hear_msm._cards import PAPERS
     from hear_msm._weights import save_pretrained
     from hear_msm.training.export import plot_loss
 
@@ -257,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(target)
         summary = run_summary(run)
         params = sum(v.numel() for v in model.state_dict().values())
-        card = model_card(arch, args.tag, family, summary, corpus, shards, probe, model.config.embed_dim, params)
+        card = model_card(model.config, args.tag, summary, corpus, shards, probe, params)
         save_pretrained(model, target, dtype=torch.float16, model_card=card)
         if previous is not None and same_weights(previous, target / "model.safetensors"):
             # safetensors writes its metadata in no fixed order: keep the old bytes (and sha256)
@@ -269,12 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             "source": "shipped",
             "file": f"{arch}.{args.tag}/model.safetensors",
             "sha256": sha256(target / "model.safetensors"),
-            "license": "MIT (code); trained on Debian-packaged audio under the packages' licences (see the model card)",
+            "license": LICENSE,
             "paper": PAPERS[family],
         }
         registry["models"][arch]["tags"][args.tag] = entry
-        if args.set_default:
-            registry["models"][arch]["default_tag"] = args.tag
         print(f"{arch}.{args.tag}: {target} ({summary['steps']} steps, {summary['wall_s'] / 60:.1f} min, "
               f"loss {summary['final_loss']:.3f}), sha256 {entry['sha256'][:12]}")
     registry_path.write_text(json.dumps(registry, indent=1) + "\n")
