@@ -113,10 +113,10 @@ class HearModel(nn.Module):
         if sequence == "full":
             if layout != "time":
                 raise ValueError("sequence='full' needs layout='time' (the official layout is defined per 2 s chunk)")
-            if not all(hasattr(block, "forward_stream") for block in getattr(encoder, "blocks", [None])):
+            if not getattr(encoder, "supports_full_sequence", False):
                 raise ValueError(
-                    f"sequence='full' is for the causal recurrent encoders (ssam_*, axlstm_*); "
-                    f"{encoder.config.arch} cannot stream its blocks, use sequence='chunked'"
+                    f"sequence='full' is for the recurrent encoders (ssam_*, axlstm_*, ssamba_*); "
+                    f"{encoder.config.arch} cannot encode a whole clip as one sequence, use sequence='chunked'"
                 )
         elif positions != "auto":
             raise ValueError(f"positions={positions!r} applies to sequence='full' only; with sequence='chunked' "

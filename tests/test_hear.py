@@ -225,5 +225,32 @@ def test_ssamba_refuses_what_it_cannot_do():
     model = hear_msm.create_model("ssamba_tiny")
     with pytest.raises(ValueError, match="official"):
         HearModel(model, layout="official")
-    with pytest.raises(ValueError, match="cannot stream"):
-        HearModel(model, sequence="full")
+    with pytest.raises(ValueError, match="cannot encode a whole clip"):
+        HearModel(hear_msm.create_model("ssast_tiny"), sequence="full")
+
+
+def test_ssamba_full_sequence_positions_beyond_the_table():
+    """sequence='full' encodes a whole clip as one sequence; up to 64 columns it is the windowed
+    encoding itself, beyond them the position table is interpolated (default) or tiled."""
+    torch.manual_seed(0)
+    model = hear_msm.create_model("ssamba_tiny").eval()
+    short = 0.1 * torch.randn(1, 400 + 111 * 160, generator=torch.Generator().manual_seed(1))  # 7 columns
+    chunked, _ = HearModel(model).timestamp_embeddings(short)
+    full, _ = HearModel(model, sequence="full").timestamp_embeddings(short)
+    assert (full - chunked).abs().max().item() < 1e-5
+    v = model.v
+    table = v.pos_embed[0, 1:].view(8, 64, -1)
+    tiled = v.positions(130, "tile")[0, 1:].view(8, 130, -1)
+    assert torch.equal(tiled[:, 64:128], table) and torch.equal(tiled[:, 128:], table[:, :2])
+    stretched = v.positions(128, "interpolate")[0, 1:].view(8, 128, -1)
+    assert torch.allclose(stretched[:, 0], table[:, 0]) and torch.allclose(stretched[:, -1], table[:, -1])
+    # linear, cell-centred (align_corners=False): column 2k + 1 of 128 sits at k + 0.25 of the 64
+    assert torch.allclose(stretched[:, 1::2][:, :-1], 0.75 * table[:, :-1] + 0.25 * table[:, 1:], atol=1e-6)
+    clip = 0.1 * torch.randn(1, 20 * 16000, generator=torch.Generator().manual_seed(2))
+    runs = {p: HearModel(model, sequence="full", positions=p).timestamp_embeddings(clip)[0] for p in ("auto", "tile")}
+    assert runs["auto"].shape == runs["tile"].shape == (1, 125, 1536)
+    assert (runs["auto"] - runs["tile"]).abs().max().item() > 1e-3  # the policy matters beyond 10.24 s
+    with pytest.raises(ValueError, match="interpolate"):
+        HearModel(model, sequence="full", positions="extend").timestamp_embeddings(clip)
+    with pytest.raises(ValueError, match="learned tables"):
+        hear_msm.create_model("ssam_tiny").position_rows(0, 10, "interpolate")

@@ -194,7 +194,8 @@ def config_from_dict(data: dict) -> EncoderConfig:
     return cls(**data)
 
 
-POSITION_MODES = ("auto", "extend", "tile")
+# beyond a position table: "extend" (sin-cos, exact), "interpolate" (learned tables stretched), "tile"
+POSITION_MODES = ("auto", "extend", "interpolate", "tile")
 
 
 def _sincos_rows(embed_dim: int, time_index: torch.Tensor, freq_index: torch.Tensor) -> torch.Tensor:
@@ -310,6 +311,9 @@ class SpectrogramEncoder(nn.Module):
         repeated); "auto" takes "extend" when the stored table is the analytic one."""
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        if positions == "interpolate":
+            raise ValueError(f"{self.config.arch}: its positions are extended exactly ('extend') or tiled ('tile'); "
+                             "'interpolate' is for learned tables (SSAMBA)")
         if positions != "auto":
             return positions
         cfg = self.config
@@ -337,6 +341,13 @@ class SpectrogramEncoder(nn.Module):
         """Positions [1 + grid_time * grid_freq, D] for a sequence of `grid_time` token columns."""
         return self.position_rows(0, 1 + grid_time * self.config.grid_freq, positions)
 
+    @property
+    def supports_full_sequence(self) -> bool:
+        """Whether `forward_sequence` can run: recurrent blocks that stream, time-major tokens after a CLS."""
+        cfg = self.config
+        return cfg.token_order == "time_major" and cfg.cls_token and all(
+            hasattr(block, "forward_stream") for block in self.blocks)
+
     @torch.no_grad()
     def forward_sequence(self, spectrogram: torch.Tensor, segment_tokens: int = 8192,
                          positions: str = "auto") -> torch.Tensor:
@@ -349,10 +360,9 @@ class SpectrogramEncoder(nn.Module):
         segment's intermediates.
         """
         cfg = self.config
-        if cfg.token_order != "time_major" or not cfg.cls_token:
-            raise ValueError(f"{cfg.arch}: sequences longer than one input need time-major tokens after a CLS token")
-        if not all(hasattr(block, "forward_stream") for block in self.blocks):
-            raise ValueError(f"{cfg.arch} has no recurrent blocks: encode it in inputs of {cfg.num_frames} frames")
+        if not self.supports_full_sequence:
+            raise ValueError(f"{cfg.arch} cannot encode a sequence longer than one input (it needs streaming "
+                             f"recurrent blocks and time-major tokens after a CLS): use inputs of {cfg.num_frames} frames")
         if spectrogram.ndim != 4 or spectrogram.shape[2] % cfg.patch_frames or spectrogram.shape[3] != cfg.num_mels:
             raise ValueError(f"spectrogram must be [B, 1, {cfg.patch_frames}k frames, {cfg.num_mels}], "
                              f"got {tuple(spectrogram.shape)}")

@@ -244,18 +244,32 @@ class SSAMBAEncoder(nn.Module):
         self.check_input(spectrogram)
         return self.patch_embed(spectrogram)
 
-    def positions(self, columns: int) -> torch.Tensor:
+    def positions(self, columns: int, beyond: str = "interpolate") -> torch.Tensor:
         """Learned positions [1, 1 + grid_freq * columns, D]: the CLS row and, per frequency row,
-        the first `columns` time columns of the table (the columns that hold audio in pretraining)."""
+        the first `columns` time columns of the table (the columns that hold audio in pretraining).
+
+        More columns than the table's 64 (whole-clip encoding): `beyond` = "interpolate" stretches
+        each frequency row of the table linearly over the columns (what the authors' fine-tuning
+        does for longer inputs; a column then sits at its relative place in the clip), "tile"
+        repeats the 64 columns every 10.24 s (what windowed encoding sees)."""
         cfg = self.config
-        grid = self.pos_embed[:, 1:].view(1, cfg.grid_freq, cfg.grid_time, cfg.embed_dim)[:, :, :columns]
+        grid = self.pos_embed[:, 1:].view(1, cfg.grid_freq, cfg.grid_time, cfg.embed_dim)
+        if columns <= cfg.grid_time:
+            grid = grid[:, :, :columns]
+        elif beyond == "interpolate":
+            grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(cfg.grid_freq, columns), mode="bilinear",
+                                 align_corners=False).permute(0, 2, 3, 1)
+        elif beyond == "tile":
+            grid = grid[:, :, torch.arange(columns, device=grid.device) % cfg.grid_time]
+        else:
+            raise ValueError(f"positions beyond the table must be 'interpolate' or 'tile', got {beyond!r}")
         return torch.cat([self.pos_embed[:, :1], grid.reshape(1, -1, cfg.embed_dim)], dim=1)
 
-    def residual_stream(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+    def residual_stream(self, patch_tokens: torch.Tensor, beyond: str = "interpolate") -> torch.Tensor:
         """Frequency-major tokens [B, N, D] -> the residual stream after the last pair, [B, 1 + N, D]."""
         columns = patch_tokens.shape[1] // self.config.grid_freq
         cls = self.cls_token.expand(patch_tokens.shape[0], -1, -1)
-        hidden = torch.cat([cls, patch_tokens], dim=1) + self.positions(columns)
+        hidden = torch.cat([cls, patch_tokens], dim=1) + self.positions(columns, beyond)
         residual = None
         for forward_layer, backward_layer in zip(self.layers[0::2], self.layers[1::2]):
             hidden_f, residual_f = forward_layer(hidden, residual)
@@ -264,10 +278,31 @@ class SSAMBAEncoder(nn.Module):
             residual = residual_f + residual_b.flip(1)  # = 2 * residual_f (without drop path): the authors' sum, kept
         return residual + drop_path(hidden, self.drop_path_rate, self.training)
 
-    def encode(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+    def encode(self, patch_tokens: torch.Tensor, beyond: str = "interpolate") -> torch.Tensor:
         """Frequency-major tokens [B, N, D] -> outputs [B, 1 + N, D] as the heads read them (CLS first):
         norm_f applied twice, as both the authors' pretraining and fine-tuning paths apply it."""
-        return self.norm_f(self.norm_f(self.residual_stream(patch_tokens)))
+        return self.norm_f(self.norm_f(self.residual_stream(patch_tokens, beyond)))
+
+    supports_full_sequence = True  # the whole clip as one sequence (both scan directions need all of it)
+
+    @torch.no_grad()
+    def forward_sequence(self, spectrogram: torch.Tensor, segment_tokens: int = 8192,
+                         positions: str = "auto") -> torch.Tensor:
+        """A whole clip as ONE sequence: [B, 1, T, 128], T any multiple of 16 -> time-major tokens
+        [B, T/16 * 8, D]. Time and memory grow linearly with T (Mamba), but the bidirectional scan
+        needs the whole sequence at once, so `segment_tokens` (the streaming unit of the causal
+        families) does not apply. positions: "auto" | "interpolate" (the authors' choice for longer
+        inputs) or "tile"; see `positions`."""
+        del segment_tokens
+        if positions not in ("auto", "interpolate", "tile"):
+            raise ValueError(f"SSAMBA positions beyond its 64-column table: 'auto' (= 'interpolate'), 'interpolate' "
+                             f"or 'tile', got {positions!r}")
+        cfg = self.config
+        if spectrogram.ndim != 4 or spectrogram.shape[2] % cfg.patch_frames or spectrogram.shape[3] != cfg.num_mels:
+            raise ValueError(f"{cfg.arch}: fbank input must be [batch, 1, 16k frames, {cfg.num_mels}], "
+                             f"got {tuple(spectrogram.shape)}")
+        beyond = "interpolate" if positions == "auto" else positions
+        return self.freq_major_to_time_major(self.encode(self.patch_embed(spectrogram), beyond)[:, 1:])
 
     def forward_features(self, spectrogram: torch.Tensor) -> torch.Tensor:
         """[B, 1, T, 128] normalised fbank (T a multiple of 16, <= 1024) -> patch tokens
@@ -343,6 +378,12 @@ class SSAMBAPretrainingModel(nn.Module):
 
     def forward_features(self, spectrogram: torch.Tensor) -> torch.Tensor:
         return self.v.forward_features(spectrogram)
+
+    supports_full_sequence = True
+
+    def forward_sequence(self, spectrogram: torch.Tensor, segment_tokens: int = 8192,
+                         positions: str = "auto") -> torch.Tensor:
+        return self.v.forward_sequence(spectrogram, segment_tokens, positions)
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         return self.forward_features(spectrogram)
