@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from numerics import assert_float64_anchored
 from safetensors.torch import load_file
+
+from ddp_helpers import train_on_two_ranks
 
 import hear_msm
 from hear_msm import training
@@ -411,26 +412,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run_with_drop_path(audio_dir,
     assert log_steps == list(range(1, 21))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, data: str, out: str, result_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    result = training.train(_config(data, steps=3, batch_size=4, device="cpu"), out)
-    torch.save(result.model.state_dict(), Path(result_dir) / f"rank{rank}.pt")
-
-
 def test_two_process_gloo_ddp_ranks_end_identical(audio_dir, tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(audio_dir), str(tmp_path / "run"), str(tmp_path)),
-             nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = train_on_two_ranks(_config(str(audio_dir), steps=3, batch_size=4, device="cpu"), tmp_path / "run",
+                               tmp_path)
     exported = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     torch.manual_seed(0)  # as the run's setup seeds before building
     initial = loop.build_model(_config(audio_dir)).state_dict()
