@@ -486,8 +486,9 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
         predictions that are specific to their patch instead of a blurred average of the clip.
         `decoder`: a training-only module between encoder and head (see `forward`).
         """
-        prediction = self(spectrogram, mask, decoder).float()
-        target = self.patchify(spectrogram).float()
+        compute = torch.promote_types(spectrogram.dtype, torch.float32)  # float32 under autocast, float64 kept
+        prediction = self(spectrogram, mask, decoder).to(compute)
+        target = self.patchify(spectrogram).to(compute)
         if patch_normalized_targets:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()

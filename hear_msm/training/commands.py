@@ -62,9 +62,13 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+# the declared default of fields that TrainConfig resolves on construction
+_DECLARED = {"decoder": "auto"}
+
+
 def _default_help(name: str, defaults: TrainConfig) -> str:
     """'default 1024; ssamba: 64' -- the dataclass default and every recipe that differs from it."""
-    default = getattr(defaults, name)
+    default = _DECLARED[name] if name in _DECLARED else getattr(defaults, name)  # "auto", not what it resolves to
     if default is None:  # steps, warmup_steps: derived from the epoch counts
         default = "from --" + name.replace("steps", "epochs").replace("_", "-")
     recipes = [f"{family}: {recipe[name]:g}" if isinstance(recipe[name], float) else f"{family}: {recipe[name]}"

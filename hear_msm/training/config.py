@@ -266,6 +266,8 @@ def _resolve_decoder(config: TrainConfig) -> None:
         if config.decoder == "none" and config.decoder_depth:
             raise ValueError(f"decoder 'none' with decoder_depth {config.decoder_depth}: choose --decoder transformer "
                              "(or mwmha / mae) for a decoder, or leave decoder_depth 0")
+        if config.decoder == "transformer" and not config.decoder_depth:
+            raise ValueError("decoder 'transformer' needs its number of blocks: --decoder-depth N (N >= 1)")
         return
     from ..models.mwmae import MWMAE_DECODER, decoder_config
 
