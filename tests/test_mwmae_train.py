@@ -223,7 +223,8 @@ def test_recipe_is_the_default_of_mwmae_and_mae_runs():
     ({"decoder": "bogus"}, r"decoder must be one of \('auto', 'none', 'transformer', 'mwmha', 'mae'\)"),
     ({"decoder_embed_dim": 36}, r"embed_dim 36 divisible by 8 heads"),
     ({"decoder_depth": 49}, r"decoder_depth 49 is outside \[1, 48\]"),
-    ({"model": "mae_base", "decoder": "mwmha"}, r"attends over 251 tokens \(250 patches \+ 1 CLS\).*windows \[2, 5, 10"),
+    ({"model": "mae_base", "decoder": "mwmha"},
+     r"attends over 251 tokens \(250 patches \+ 1 CLS\).*windows \[2, 5, 10"),
     ({"model": "ssamba_tiny", "decoder": "mwmha", "model_overrides": {"depth": 2}},
      r"ssamba_tiny trains with the decoders \('none', 'transformer'\)"),
     ({"model": "ssam_tiny", "decoder": "mwmha", "model_overrides": {"num_frames": 208}},
@@ -320,6 +321,31 @@ def test_multiwindow_decoder_trains_other_encoders_and_exports_their_format(audi
 
 
 # ------------------------------------------------------------------------------------ resume, DDP
+def test_runs_saved_before_the_decoder_choice_resume_as_they_were(audio_dir, tmp_path, monkeypatch):
+    """A checkpoint whose config predates `decoder` / `decoder_embed_dim` / `decay_all_parameters`
+    (--decoder-depth alone chose the Transformer decoder) resumes into the same run."""
+    config = TrainConfig(model="ssast_tiny", model_overrides={"depth": 2}, data=str(audio_dir), batch_size=2,
+                         steps=4, warmup_steps=1, base_lr=0.05, checkpoint_every=2, progress=False, decoder_depth=1)
+    assert config.decoder == "transformer"
+    straight = training.train(config, tmp_path / "straight")
+    save = run_state.save_checkpoint
+
+    def save_old_format_then_stop(path, payload):
+        payload["config"] = {k: v for k, v in payload["config"].items()
+                             if k not in ("decoder", "decoder_embed_dim", "decay_all_parameters")}
+        save(path, payload)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_old_format_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, tmp_path / "old")
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    assert "decoder" not in run_state.load_checkpoint(tmp_path / "old" / run_state.CHECKPOINT_NAME)["config"]
+    resumed = training.train(config, tmp_path / "old", resume=True)
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "hear_msm.cli", "pretrain", *args]
 

@@ -15,6 +15,13 @@ MW-MAE's multi-window attention is in its decoder only (training): every head at
 non-overlapping windows of w tokens with a learned relative position bias (w = 2, 5, 10, 25, 50,
 125 for heads 0-5 of the released model), the remaining heads attend globally.
 
+Pretraining (`hear-msm pretrain`, the training loop's interface on `MWMAEEncoder`): `sample_mask`
+masks 80% of the patches with the authors' rounding, `reconstruction_loss` encodes the visible
+patches only and hands them to a `MaskedAutoencoderDecoder` (training only, `build_decoder`), which
+restores the sequence with mask tokens and predicts every patch; MSE over the masked patches.
+`MultiWindowDecoder` is the same decoder for encoders that see every token (SSAST, SSAM, AxLSTM
+with `--decoder mwmha | mae`).
+
 Parameter names follow hear_msm's Transformer family (`blocks.<i>.attn.qkv_layer`, ...); the
 authors' Flax trees map onto them in `hear_msm._flax_checkpoint` (kernels transposed).
 """

@@ -60,8 +60,8 @@ RECIPES: dict[str, dict[str, object]] = {
         "mask_ratio": 0.8, "masked_only_loss": True, "decoder": "mwmha", "base_lr": 1.5e-5, "beta2": 0.999,
         "decay_all_parameters": True,
     },
-    # the MAE baseline (mae_* presets of the same family: CLS token, configs/pretraining/mae_base_200_4x16_precomputed.py):
-    # the mwmae recipe with an all-global decoder
+    # the MAE baseline (the mae_* presets of the same family, with a CLS token;
+    # configs/pretraining/mae_base_200_4x16_precomputed.py): the mwmae recipe with an all-global decoder
     "mae": {"decoder": "mae"},
 }
 
@@ -228,7 +228,8 @@ def _registered_model_facts(model: str) -> _ModelFacts:
     config = instance.config
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "arch"}
     return _ModelFacts(config.family, fields, tuple(getattr(instance, "masking_modes", MASKING_MODES)),
-                       hasattr(instance, "set_drop_path"), tuple(getattr(instance, "decoders", ("none", "transformer"))))
+                       hasattr(instance, "set_drop_path"),
+                       tuple(getattr(instance, "decoders", ("none", "transformer"))))
 
 
 def _check_model_options(config: TrainConfig) -> None:
