@@ -135,7 +135,6 @@ class MWMAEEncoder(nn.Module):
         nn.init.ones_(self.encoder_norm.weight)
         nn.init.zeros_(self.encoder_norm.bias)
 
-
     # ------------------------------------------------------------------ pretraining (the training loop's interface)
     masking_modes = MASKING_MODES  # the `mode`s `sample_mask` accepts
     decoders = ("mwmha", "mae")  # MAE needs a decoder to restore the sequence: MW-MAE's, or all-global heads
