@@ -273,7 +273,7 @@ def test_recipe_is_the_default_of_ssamba_runs_only():
                                   model_overrides={"num_frames": 512})
     assert (given.batch_size, given.mask_mode, given.num_frames, given.base_lr) == (8, "unstructured", 512, 4e-4)
     assert TrainConfig.for_model("ssast_tiny") == TrainConfig()  # Yadav et al.'s recipe: the dataclass defaults
-    assert RECIPES.keys() == {"ssamba"}
+    assert RECIPES.keys() == {"ssamba", "mwmae", "mae"}  # no recipe for Yadav et al.'s SSAST / SSAM / AxLSTM
 
     with pytest.raises(ValueError, match=r"num_frames 200 is not ssamba_tiny's input length \(1024 frames\)"):
         TrainConfig(model="ssamba_tiny")
@@ -293,7 +293,7 @@ def test_pretrain_help_documents_the_recipes(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default 1024; ssamba: 64)" in text and "(default 0.5; ssamba: 0.78125)" in text
+    assert "(default 1024; ssamba: 64)" in text and "(default 0.5; ssamba: 0.78125; mwmae: 0.8)" in text
     assert "(default unstructured; ssamba: cluster)" in text and "(default cosine; ssamba: constant)" in text
     assert "ssamba: mask_ratio=0.78125, mask_mode=cluster" in text and "generative_weight=10" in text
 

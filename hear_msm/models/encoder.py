@@ -438,6 +438,9 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
     """
 
     masking_modes = MASKING_MODES  # the `mode`s `sample_mask` accepts
+    # training-only decoders (`hear-msm pretrain --decoder`): between encoder and head, or MW-MAE's
+    # multi-window decoder on the patch tokens in place of the head
+    decoders = ("none", "transformer", "mwmha", "mae")
 
     def __init__(self, config: EncoderConfig, block_factory: Callable[[int], nn.Module]):
         super().__init__(config, block_factory)
@@ -463,11 +466,15 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
         """Predict patch values: [B, 1, T, F], mask [B, N] (True = masked) -> [B, N, pt * pf], both time-major.
 
         `decoder` (training only, not part of the checkpoint): a module [B, prefix + N, D] -> same shape
-        run between the encoder and the prediction head (see `hear_msm.transformer.build_training_decoder`).
+        run between the encoder and the prediction head (see `hear_msm.transformer.build_training_decoder`),
+        or one that `predicts_patches` (`build_decoder`, MW-MAE's decoder): it reads the N patch
+        tokens (CLS dropped) in time-major order and predicts the patches in place of `pred`.
         """
         tokens = self.embed_patches(spectrogram)  # the encoder's token order; mask and outputs are time-major
         tokens = torch.where(self.from_time_major(mask[..., None]), self.mask_token.to(tokens.dtype), tokens)
         encoded = self.encode_tokens(tokens)
+        if getattr(decoder, "predicts_patches", False):
+            return decoder(self.to_time_major(encoded[:, self.num_prefix:]))
         if decoder is not None:
             encoded = decoder(encoded)
         return self.to_time_major(self.pred(encoded[:, self.num_prefix:]))
@@ -489,8 +496,9 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
         predictions that are specific to their patch instead of a blurred average of the clip.
         `decoder`: a training-only module between encoder and head (see `forward`).
         """
-        prediction = self(spectrogram, mask, decoder).float()
-        target = self.patchify(spectrogram).float()
+        compute = torch.promote_types(spectrogram.dtype, torch.float32)  # float32 under autocast, float64 kept
+        prediction = self(spectrogram, mask, decoder).to(compute)
+        target = self.patchify(spectrogram).to(compute)
         if patch_normalized_targets:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
@@ -500,6 +508,22 @@ class MaskedSpectrogramModel(SpectrogramEncoder):
         if discriminative_weight > 0:
             loss = loss + discriminative_weight * masked_patch_infonce(prediction, target, mask)
         return loss
+
+    def build_decoder(self, config) -> nn.Module:
+        """The training-only decoder of `--decoder mwmha | mae` (a `MultiWindowDecoderConfig`):
+        MW-MAE's decoder over the N patch tokens this encoder outputs, predicting their patch values
+        (`hear_msm.models.mwmae.MultiWindowDecoder`), initialised."""
+        from .mwmae import MultiWindowDecoder
+
+        cfg = self.config
+        decoder = MultiWindowDecoder(config, cfg.embed_dim, cfg.num_patches, cfg.patch_dim)
+        decoder.reset_parameters()
+        return decoder
+
+    def parameters_unused_by(self, decoder: nn.Module | None = None, **_) -> list[nn.Parameter]:
+        """The prediction head `pred` when `decoder` predicts the patches itself (the training loop
+        freezes it: it stays as initialised in the exported weights); nothing otherwise."""
+        return list(self.pred.parameters()) if getattr(decoder, "predicts_patches", False) else []
 
     @torch.no_grad()
     def reset_shared_parameters(self) -> None:

@@ -15,6 +15,13 @@ MW-MAE's multi-window attention is in its decoder only (training): every head at
 non-overlapping windows of w tokens with a learned relative position bias (w = 2, 5, 10, 25, 50,
 125 for heads 0-5 of the released model), the remaining heads attend globally.
 
+Pretraining (`hear-msm pretrain`, the training loop's interface on `MWMAEEncoder`): `sample_mask`
+masks 80% of the patches with the authors' rounding, `reconstruction_loss` encodes the visible
+patches only and hands them to a `MaskedAutoencoderDecoder` (training only, `build_decoder`), which
+restores the sequence with mask tokens and predicts every patch; MSE over the masked patches.
+`MultiWindowDecoder` is the same decoder for encoders that see every token (SSAST, SSAM, AxLSTM
+with `--decoder mwmha | mae`).
+
 Parameter names follow hear_msm's Transformer family (`blocks.<i>.attn.qkv_layer`, ...); the
 authors' Flax trees map onto them in `hear_msm._flax_checkpoint` (kernels transposed).
 """
@@ -28,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import PatchEmbed, sincos_2d_position_table
+from .encoder import MASKING_MODES, PatchEmbed, masked_patch_infonce, sincos_2d_position_table
 from .registry import register_family, register_model
 from .transformer import TransformerBlock, TransformerConfig, check_kernel
 
@@ -128,6 +135,89 @@ class MWMAEEncoder(nn.Module):
         nn.init.ones_(self.encoder_norm.weight)
         nn.init.zeros_(self.encoder_norm.bias)
 
+    # ------------------------------------------------------------------ pretraining (the training loop's interface)
+    masking_modes = MASKING_MODES  # the `mode`s `sample_mask` accepts
+    decoders = ("mwmha", "mae")  # MAE needs a decoder to restore the sequence: MW-MAE's, or all-global heads
+
+    def sample_mask(self, batch: int, ratio: float, mode: str = "unstructured",
+                    generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Boolean mask [batch, N], True = masked, time-major: the authors' random masking, the same
+        number of patches kept in every clip, int(N * (100 - 100 * ratio) / 100) (their rounding: 50
+        of 250 at ratio 0.8, where int(250 * (1 - 0.8)) would give 49); "timestep" keeps whole token
+        columns, counted the same way over the time steps."""
+        if mode not in self.masking_modes:
+            raise ValueError(f"masking mode {mode!r} is unknown; expected one of {self.masking_modes}")
+        cfg = self.config
+        units = cfg.num_patches if mode == "unstructured" else cfg.grid_time
+        keep_index, _ = random_restore_index(batch, units, ratio, generator)
+        if keep_index.shape[1] == 0:
+            what = "patches" if mode == "unstructured" else "time steps"
+            raise ValueError(f"mask ratio {ratio} keeps none of the {units} {what}: the encoder needs a visible patch")
+        mask = torch.ones(batch, units, dtype=torch.bool).scatter_(1, keep_index, False)
+        if mode == "timestep":
+            mask = mask.repeat_interleave(cfg.grid_freq, dim=1)
+        return mask.to(device)
+
+    def patchify(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, F] -> reconstruction targets [B, N, pt * pf]: time-major patches, the values of a
+        patch frame by frame (index frame * pf + mel), as the authors' `patchify` orders them."""
+        cfg = self.config
+        b = spectrogram.shape[0]
+        x = spectrogram.reshape(b, cfg.grid_time, cfg.patch_frames, cfg.grid_freq, cfg.patch_mels)
+        return x.permute(0, 1, 3, 2, 4).reshape(b, cfg.num_patches, cfg.patch_dim)
+
+    def build_decoder(self, config: MultiWindowDecoderConfig) -> MaskedAutoencoderDecoder:
+        """The training-only decoder of `--decoder mwmha | mae` for this encoder, initialised."""
+        decoder = MaskedAutoencoderDecoder(config, self.config)
+        decoder.reset_parameters()
+        return decoder
+
+    def reconstruction_loss(self, spectrogram: torch.Tensor, mask: torch.Tensor, masked_only: bool = True,
+                            patch_normalized_targets: bool = False, discriminative_weight: float = 0.0,
+                            generative_weight: float = 1.0, decoder: nn.Module | None = None) -> torch.Tensor:
+        """MAE's objective on [B, 1, T, F] with a mask [B, N] from `sample_mask` (True = masked):
+        the encoder sees the visible patches only (`forward_visible`), `decoder` (a
+        `MaskedAutoencoderDecoder`, training only) puts mask tokens in the masked places and predicts
+        every patch, and the loss is generative_weight x the MSE against `patchify`'s targets over
+        the masked patches (`masked_only`, theirs: `mae_loss` with the mask) or over all.
+
+        `patch_normalized_targets`: their `norm_pix_loss` (off in their recipe), each target patch
+        standardised by its mean and population variance (+ 1e-6). `discriminative_weight` w > 0
+        adds w x `masked_patch_infonce` (not theirs). The loss keeps float64 inputs in float64.
+        """
+        if not isinstance(decoder, MaskedAutoencoderDecoder):
+            raise ValueError(f"{self.config.arch} pretrains as a masked autoencoder and needs its decoder "
+                             f"(MaskedAutoencoderDecoder, `--decoder mwmha` or `mae`), got {type(decoder).__name__}")
+        keep_index, restore_index = visible_and_restore_index(mask, self.config.num_patches)
+        compute = torch.promote_types(spectrogram.dtype, torch.float32)  # float32 under autocast, float64 kept
+        prediction = decoder(self.forward_visible(spectrogram, keep_index), restore_index).to(compute)
+        target = self.patchify(spectrogram).to(compute)
+        if patch_normalized_targets:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True, unbiased=False)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        error = (prediction - target).pow(2).mean(dim=-1)  # [B, N]
+        loss = generative_weight * ((error * mask).sum() / mask.sum() if masked_only else error.mean())
+        if discriminative_weight > 0:
+            loss = loss + discriminative_weight * masked_patch_infonce(prediction, target, mask)
+        return loss
+
+
+def visible_and_restore_index(mask: torch.Tensor, num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A boolean mask [B, N] (True = masked, the same count in every row) -> (keep_index [B, n]: the
+    visible patches in ascending order, restore_index [B, N]: each patch's place in [visible, masked]).
+
+    The authors keep the visible patches in their random draw order; the encoder (no causal or
+    windowed attention) and the restored decoder input do not depend on that order.
+    """
+    if mask.dtype != torch.bool or mask.ndim != 2 or mask.shape[1] != num_patches:
+        raise ValueError(f"the MAE objective takes a boolean mask [batch, {num_patches}] (from sample_mask), "
+                         f"got {mask.dtype} {list(mask.shape)}")
+    visible = (~mask).sum(dim=1)
+    if not bool((visible == visible[0]).all()) or int(visible[0]) == 0:
+        raise ValueError(f"every clip needs the same number (>= 1) of visible patches, got {visible.tolist()}")
+    order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # visible (0) first, each group ascending
+    return order[:, :int(visible[0])], order.argsort(dim=1)
+
 
 def build_mwmae(config: MWMAEConfig, kernel: str = "auto") -> MWMAEEncoder:
     """`kernel`: as SSAST's ("auto" | "reference", one attention path)."""
@@ -164,6 +254,17 @@ class MultiWindowDecoderConfig:
 
 MWMAE_DECODER = MultiWindowDecoderConfig()
 MAE_DECODER = MultiWindowDecoderConfig(window_sizes=(0,) * 8)
+# `hear-msm pretrain --decoder` -> the heads' windows of the released decoders
+DECODER_WINDOWS = {"mwmha": MWMAE_DECODER.window_sizes, "mae": MAE_DECODER.window_sizes}
+
+
+def decoder_config(kind: str, embed_dim: int = MWMAE_DECODER.embed_dim,
+                   depth: int = MWMAE_DECODER.depth) -> MultiWindowDecoderConfig:
+    """The decoder of `--decoder mwmha` (MW-MAE's windows) or `mae` (8 global heads), 8 heads of
+    `embed_dim` / 8 channels; ValueError for another kind or a width that 8 heads do not divide."""
+    if kind not in DECODER_WINDOWS:
+        raise ValueError(f"multi-window decoder kind must be one of {tuple(DECODER_WINDOWS)}, got {kind!r}")
+    return MultiWindowDecoderConfig(embed_dim=embed_dim, depth=depth, window_sizes=DECODER_WINDOWS[kind])
 
 
 class MultiWindowAttention(nn.Module):
@@ -225,34 +326,49 @@ def sincos_1d_position_table(embed_dim: int, length: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
-class MaskedAutoencoderDecoder(nn.Module):
-    """MAE decoder (training only; never part of exported weights).
+class MultiWindowDecoder(nn.Module):
+    """MW-MAE's decoder over a whole token sequence (training only; never part of exported weights).
 
-    forward(latent [B, prefix + n, D_enc] from `MWMAEEncoder.forward_visible`, restore_index [B, N])
-        -> predictions [B, N, patch_dim] for all N patches, time-major.
-    restore_index[b, i] is the position of patch i in the sequence [n visible tokens in the
-    order encoded, N - n mask tokens] (the authors' `ids_restore`).
+    forward(tokens [B, N, D_enc], the encoder's patch tokens, time-major) -> predictions
+    [B, N, patch_dim] of the patch values (`patchify`'s layout):
+
+        decoder_embed (D_enc -> d) --> + decoder_pos_embed (1-D sin-cos over the sequence, trained)
+          --> depth x MultiWindowBlock --> decoder_norm --> decoder_pred (d -> patch values)
+
+    This is the decoder of `--decoder mwmha | mae` behind encoders that see every token with the
+    mask token in place (SSAST, SSAM, AxLSTM); `MaskedAutoencoderDecoder` adds MAE's mask tokens and
+    restore order for the MW-MAE / MAE encoders, which see the visible patches only. Every windowed
+    head needs a sequence of whole windows (250 patches: windows 2, 5, 10, 25, 50, 125).
     """
 
-    def __init__(self, config: MultiWindowDecoderConfig, encoder: MWMAEConfig):
+    predicts_patches = True  # MaskedSpectrogramModel: its output replaces the model's own head
+
+    def __init__(self, config: MultiWindowDecoderConfig, encoder_dim: int, num_patches: int, patch_dim: int,
+                 num_prefix_tokens: int = 0):
         super().__init__()
+        length = num_prefix_tokens + num_patches
+        bad = [w for w in config.window_sizes if w and length % w]
+        if bad:
+            raise ValueError(
+                f"the multi-window decoder attends over {length} tokens ({num_patches} patches"
+                f"{f' + {num_prefix_tokens} CLS' if num_prefix_tokens else ''}), which is not a multiple of its "
+                f"windows {bad}; windowed heads need whole windows (a CLS token in front calls for all-global "
+                "heads, the MAE decoder; other input sizes for windows that divide the patch count)")
         self.config = config
-        self.num_prefix_tokens = encoder.num_prefix_tokens
+        self.num_prefix_tokens = num_prefix_tokens
         dim = config.embed_dim
-        self.decoder_embed = nn.Linear(encoder.embed_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + encoder.num_patches, dim))
+        self.decoder_embed = nn.Linear(encoder_dim, dim)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, length, dim))
         self.decoder_blocks = nn.ModuleList(MultiWindowBlock(config) for _ in range(config.depth))
         self.decoder_norm = nn.LayerNorm(dim, eps=config.norm_eps)
-        self.decoder_pred = nn.Linear(dim, encoder.patch_dim)
+        self.decoder_pred = nn.Linear(dim, patch_dim)
 
-    def forward(self, latent: torch.Tensor, restore_index: torch.Tensor) -> torch.Tensor:
-        x = self.decoder_embed(latent)
-        prefix, visible = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
-        b, total = restore_index.shape
-        masked = self.mask_token.to(x.dtype).expand(b, total - visible.shape[1], -1)
-        x = torch.cat([visible, masked], dim=1).gather(1, restore_index[..., None].expand(-1, -1, x.shape[-1]))
-        x = torch.cat([prefix, x], dim=1) + self.decoder_pos_embed
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.decoder_embed(tokens))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedded sequence [B, prefix + N, d] in patch order -> predictions [B, N, patch_dim]."""
+        x = x + self.decoder_pos_embed
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, self.num_prefix_tokens:]
@@ -260,13 +376,11 @@ class MaskedAutoencoderDecoder(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The authors' initialisation: LeCun-normal `decoder_embed`/`decoder_pred` (Flax's Dense
-        default), Xavier-uniform block kernels, mask token ~ N(0, 0.02), 1-D sin-cos positions
-        (CLS row zero), relative position biases ~ truncated normal with variance 0.02 / (2w - 1)."""
-        dim = self.config.embed_dim
-        table = sincos_1d_position_table(dim, self.decoder_pos_embed.shape[1] - self.num_prefix_tokens)
+        default), Xavier-uniform block kernels, 1-D sin-cos positions (CLS row zero), relative
+        position biases ~ truncated normal with variance 0.02 / (2w - 1)."""
+        dim, prefix = self.config.embed_dim, self.num_prefix_tokens
         self.decoder_pos_embed.zero_()
-        self.decoder_pos_embed[0, self.num_prefix_tokens:] = table
-        nn.init.normal_(self.mask_token, std=0.02)
+        self.decoder_pos_embed[0, prefix:] = sincos_1d_position_table(dim, self.decoder_pos_embed.shape[1] - prefix)
         for linear in (self.decoder_embed, self.decoder_pred):
             std = 1.0 / math.sqrt(linear.in_features) / 0.87962566
             nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
@@ -278,6 +392,34 @@ class MaskedAutoencoderDecoder(nn.Module):
                 nn.init.trunc_normal_(bias, std=std, a=-2 * std, b=2 * std)
         nn.init.ones_(self.decoder_norm.weight)
         nn.init.zeros_(self.decoder_norm.bias)
+
+
+class MaskedAutoencoderDecoder(MultiWindowDecoder):
+    """MAE decoder (training only; never part of exported weights).
+
+    forward(latent [B, prefix + n, D_enc] from `MWMAEEncoder.forward_visible`, restore_index [B, N])
+        -> predictions [B, N, patch_dim] for all N patches, time-major.
+    restore_index[b, i] is the position of patch i in the sequence [n visible tokens in the
+    order encoded, N - n mask tokens] (the authors' `ids_restore`); the CLS token (MAE) stays in front.
+    """
+
+    def __init__(self, config: MultiWindowDecoderConfig, encoder: MWMAEConfig):
+        super().__init__(config, encoder.embed_dim, encoder.num_patches, encoder.patch_dim, encoder.num_prefix_tokens)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
+
+    def forward(self, latent: torch.Tensor, restore_index: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)
+        prefix, visible = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        b, total = restore_index.shape
+        masked = self.mask_token.to(x.dtype).expand(b, total - visible.shape[1], -1)
+        x = torch.cat([visible, masked], dim=1).gather(1, restore_index[..., None].expand(-1, -1, x.shape[-1]))
+        return self.decode(torch.cat([prefix, x], dim=1))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """As `MultiWindowDecoder`'s, and the mask token ~ N(0, 0.02)."""
+        super().reset_parameters()
+        nn.init.normal_(self.mask_token, std=0.02)
 
 
 def random_restore_index(batch: int, num_patches: int, mask_ratio: float,

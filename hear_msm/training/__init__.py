@@ -15,6 +15,17 @@ linear warm-up then cosine decay; fp16 autocast + GradScaler on CUDA.
 SSAMBA (Shams et al.): 10.24 s crops of Kaldi fbank; 400 of 512 patches masked in clusters;
 InfoNCE + 10 x MSE over the masked patches in two masked passes; drop path 0.1; AdamW betas
 (0.95, 0.999), weight decay 5e-8, lr 1e-4 at batch 64 after 1000 warm-up steps, constant; fp32.
+MW-MAE / MAE (Yadav et al., ICLR 2024; the mwmae_* and mae_* presets): 80% of the patches masked
+(50 of 250 kept), the encoder sees the visible ones only, a training-only decoder (384-d, 8 heads,
+depth 4; multi-window heads for MW-MAE, global ones for MAE) restores the sequence with mask
+tokens and predicts every patch; MSE over the masked patches; AdamW betas (0.9, 0.999), weight
+decay 0.05 on every parameter, lr 1.5e-5 x batch / 256, 10 warm-up epochs then cosine.
+
+Training-only decoders (`--decoder`, saved in checkpoint.pt under "decoder", never exported):
+`transformer` (`--decoder-depth` blocks before the head), or MW-MAE's decoder behind any SSAST /
+SSAM / AxLSTM encoder (`mwmha`, `mae`): the encoder keeps its own masking (mask token in place,
+all tokens seen) and the decoder reads its 250 patch tokens and predicts the patches in place of
+the model's head, which is frozen and exported as initialised.
 
 DDP is detected from the torchrun environment (WORLD_SIZE > 1): nccl on GPU, gloo on CPU; each
 rank reads its own shards (`data.EpochSampler`); only rank 0 logs and writes. A run folder holds

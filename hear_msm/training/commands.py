@@ -31,10 +31,11 @@ _FLAGS = {
     "grad_clip": float, "mask_ratio": float, "mask_mode": str, "seed": int, "precision": str, "device": str,
     "num_workers": int, "checkpoint_every": int, "log_every": int, "kernel": str, "export_dtype": str,
     "min_seconds": float, "max_clip_seconds": float, "discriminative_weight": float,
-    "generative_weight": float, "decoder_depth": int, "drop_path_rate": float,
+    "generative_weight": float, "decoder": str, "decoder_depth": int, "decoder_embed_dim": int,
+    "drop_path_rate": float,
 }
 # on/off flags (--x / --no-x); None when not given, so that the recipe decides
-_SWITCHES = ("masked_only_loss", "patch_normalized_targets")
+_SWITCHES = ("masked_only_loss", "patch_normalized_targets", "decay_all_parameters")
 
 
 def _cmd_pretrain(args) -> int:
@@ -61,9 +62,13 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+# the declared default of fields that TrainConfig resolves on construction
+_DECLARED = {"decoder": "auto"}
+
+
 def _default_help(name: str, defaults: TrainConfig) -> str:
     """'default 1024; ssamba: 64' -- the dataclass default and every recipe that differs from it."""
-    default = getattr(defaults, name)
+    default = _DECLARED[name] if name in _DECLARED else getattr(defaults, name)  # "auto", not what it resolves to
     if default is None:  # steps, warmup_steps: derived from the epoch counts
         default = "from --" + name.replace("steps", "epochs").replace("_", "-")
     recipes = [f"{family}: {recipe[name]:g}" if isinstance(recipe[name], float) else f"{family}: {recipe[name]}"
@@ -76,8 +81,9 @@ def _recipes_help() -> str:
     import textwrap
 
     lines = ["recipes: a new run takes the defaults of its model's family; those shown first are Yadav et al.'s",
-             "(ssast, ssam, axlstm). Crops always have the model's input length (200 frames; ssamba: 1024),",
-             "changed with --override num_frames=N."]
+             "(ssast, ssam, axlstm). The mae_* presets take the mwmae recipe with the mae entries on top.",
+             "Crops always have the model's input length (200 frames; ssamba: 1024), changed with",
+             "--override num_frames=N. --decoder mwmha or mae also brings --masked-only-loss unless it is given."]
     for family, recipe in RECIPES.items():
         settings = ", ".join(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
                              for name, value in recipe.items())
@@ -133,8 +139,13 @@ def register_commands(subparsers) -> None:
         "discriminative_weight": "w x InfoNCE over masked patches (SSAST's joint objective)",
         "generative_weight": "weight of the MSE term",
         "drop_path_rate": "stochastic depth in training (SSAMBA)",
-        "decoder_depth": "Transformer blocks between encoder and prediction head, used in training and dropped at "
-                         "export (MAE's decoder; not the official recipe)",
+        "decoder": "training-only decoder, never exported: none | transformer (--decoder-depth blocks of the "
+                   "encoder's width before its head) | mwmha (MW-MAE's decoder on the patch tokens: 8 heads with "
+                   "windows 2, 5, 10, 25, 50, 125 tokens and 2 global; loss over the masked patches unless "
+                   "--no-masked-only-loss) | mae (the same with 8 global heads) | auto (transformer if "
+                   "--decoder-depth > 0, else none)",
+        "decoder_depth": "blocks of the training-only decoder (transformer: required; mwmha, mae: 0 = 4)",
+        "decoder_embed_dim": "width of the mwmha / mae decoder (0 = 384)",
     }
     for name, kind in _FLAGS.items():
         if name in ("model", "data"):
@@ -146,6 +157,9 @@ def register_commands(subparsers) -> None:
     p.add_argument("--patch-normalized-targets", action=argparse.BooleanOptionalAction, default=None,
                    help="standardise each target patch by its own mean and std (MAE-style; "
                         f"{_default_help('patch_normalized_targets', defaults)})")
+    p.add_argument("--decay-all-parameters", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight decay on every parameter, biases, norms, positions and tokens included (MW-MAE's "
+                        f"optax.adamw; {_default_help('decay_all_parameters', defaults)})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log.csv is still written)")
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="architecture field for the model builder, e.g. depth=2 (repeatable)")

@@ -25,6 +25,16 @@ ADJUSTABLE_FIELDS = ("base_lr", "min_lr", "warmup_epochs", "warmup_steps", "lr_s
 
 LR_SCHEDULES = ("cosine", "constant")
 
+# training-only decoders (`--decoder`): "transformer" = `decoder_depth` Transformer blocks of the encoder's
+# width before its head; "mwmha" / "mae" = MW-MAE's decoder (384-d, 8 heads, depth 4 unless
+# decoder_embed_dim / decoder_depth say otherwise) with its multi-window heads or all-global ones.
+# "auto" (the default) is "transformer" when decoder_depth > 0, else "none", as decoder_depth alone meant.
+DECODERS = ("none", "transformer", "mwmha", "mae")
+
+# the fields a `--decoder` brings with it when a run does not set them (`TrainConfig.for_model`):
+# MW-MAE's loss is over the masked patches
+DECODER_RECIPES: dict[str, dict[str, object]] = {"mwmha": {"masked_only_loss": True}, "mae": {"masked_only_loss": True}}
+
 # Each family's pretraining recipe: the value of every field a run does not set (`TrainConfig.for_model`,
 # `hear-msm pretrain`). Fields a recipe does not name keep the dataclass defaults, the recipe of Yadav
 # et al. (SSAST / SSAM / AxLSTM). Every run's crops are `num_frames` = the model's input length.
@@ -40,6 +50,19 @@ RECIPES: dict[str, dict[str, object]] = {
         "batch_size": 64, "base_lr": 4e-4, "epochs": 10.0, "warmup_steps": 1000, "lr_schedule": "constant",
         "weight_decay": 5e-8, "beta1": 0.95, "beta2": 0.999, "precision": "fp32",
     },
+    # MW-MAE (Yadav et al., ICLR 2024), as SarthakYadav/mwmae-jax-official trains it:
+    # configs/pretraining/mwmae_base_200_4x16_precomputed.py (mask_ratio 0.8; decoder 384-d, 8 heads, depth 4,
+    # windows [2, 5, 10, 25, 50, 125, 0, 0]; AdamW lr 1.5e-5 x batch / 256, weight decay 0.05, 10 warm-up
+    # epochs then cosine, 100 epochs, batch 8 x 128, norm_pix_loss False), src/loss.py (`mae_loss`: MSE over
+    # the masked patches), src/helpers/optimization.py (`optax.adamw`: betas (0.9, 0.999), decay on every
+    # parameter, positions and tokens included). The encoder sees the visible patches only (MAE).
+    "mwmae": {
+        "mask_ratio": 0.8, "masked_only_loss": True, "decoder": "mwmha", "base_lr": 1.5e-5, "beta2": 0.999,
+        "decay_all_parameters": True,
+    },
+    # the MAE baseline (the mae_* presets of the same family, with a CLS token;
+    # configs/pretraining/mae_base_200_4x16_precomputed.py): the mwmae recipe with an all-global decoder
+    "mae": {"decoder": "mae"},
 }
 
 
@@ -61,6 +84,7 @@ class TrainConfig:
     min_lr: float = 0.0
     lr_schedule: str = "cosine"  # after the linear warm-up: cosine decay to min_lr, or constant
     weight_decay: float = 0.05
+    decay_all_parameters: bool = False  # True: decay every parameter (MW-MAE's optax.adamw), not matrices only
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 0.0  # max grad norm; 0 = off (official: off)
@@ -71,7 +95,9 @@ class TrainConfig:
     patch_normalized_targets: bool = False  # not official: targets standardised per patch (MAE)
     discriminative_weight: float = 0.0  # not official: + w * InfoNCE over masked patches (SSAST joint)
     generative_weight: float = 1.0  # weight of the MSE term
-    decoder_depth: int = 0  # not official: Transformer blocks between encoder and head, training only (MAE)
+    decoder: str = "auto"  # training-only decoder, one of DECODERS (or "auto", see there)
+    decoder_depth: int = 0  # blocks of the decoder; mwmha / mae: 0 = MW-MAE's 4
+    decoder_embed_dim: int = 0  # width of the mwmha / mae decoder; 0 = MW-MAE's 384
     drop_path_rate: float = 0.0  # stochastic depth in training (families with `set_drop_path`: SSAMBA)
     # data
     num_frames: int = 200  # crop length in frames: the model's input length
@@ -100,6 +126,7 @@ class TrainConfig:
             raise ValueError("discriminative_weight and generative_weight are both 0: nothing to train on")
         _check_architecture(self.model, self.model_overrides)
         _check_model_options(self)
+        _resolve_decoder(self)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr:g} is above the peak learning rate {self.lr:g} (= base_lr "
                              f"{self.base_lr:g} x batch_size {self.batch_size} / 256): the cosine decay would rise; "
@@ -116,7 +143,9 @@ class TrainConfig:
         frames = overrides.get("num_frames", facts.fields["num_frames"])
         if type(frames) is not int:  # a bad override: _check_architecture names it
             frames = facts.fields["num_frames"]
-        return cls(**{**RECIPES.get(facts.family, {}), "num_frames": frames, **given, "model": model})
+        recipe = recipe_for(model)
+        recipe = {**DECODER_RECIPES.get(given.get("decoder", recipe.get("decoder")), {}), **recipe}
+        return cls(**{**recipe, "num_frames": frames, **given, "model": model})
 
     @property
     def lr(self) -> float:
@@ -134,10 +163,17 @@ class TrainConfig:
         return cls(**data)
 
 
+def recipe_for(model: str) -> dict[str, object]:
+    """The defaults of a run of `model`: its family's recipe, refined by the recipe named by the
+    preset's prefix when that differs from the family (mae_* in the mwmae family)."""
+    family, prefix = _model_facts(model).family, model.split("_", 1)[0]
+    return {**RECIPES.get(family, {}), **(RECIPES.get(prefix, {}) if prefix != family else {})}
+
+
 # numeric fields and the smallest accepted value; `True` = that value itself is excluded
 _INT_BOUNDS = {"batch_size": (1, False), "steps": (1, False), "warmup_steps": (0, False), "seed": (0, False),
-               "num_frames": (1, False), "decoder_depth": (0, False), "num_workers": (0, False),
-               "checkpoint_every": (1, False), "log_every": (1, False)}
+               "num_frames": (1, False), "decoder_depth": (0, False), "decoder_embed_dim": (0, False),
+               "num_workers": (0, False), "checkpoint_every": (1, False), "log_every": (1, False)}
 
 
 _FLOAT_BOUNDS = {"epochs": (0.0, True), "warmup_epochs": (0.0, False), "base_lr": (0.0, True), "min_lr": (0.0, False),
@@ -171,6 +207,7 @@ class _ModelFacts:
     fields: dict  # {field: preset value} of the architecture's config, but `arch`
     masking_modes: tuple[str, ...]  # what its `sample_mask` accepts
     drop_path: bool  # has `set_drop_path`
+    decoders: tuple[str, ...]  # the training-only decoders it trains with (DECODERS)
 
 
 def _model_facts(model: str) -> _ModelFacts:
@@ -191,7 +228,8 @@ def _registered_model_facts(model: str) -> _ModelFacts:
     config = instance.config
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "arch"}
     return _ModelFacts(config.family, fields, tuple(getattr(instance, "masking_modes", MASKING_MODES)),
-                       hasattr(instance, "set_drop_path"))
+                       hasattr(instance, "set_drop_path"),
+                       tuple(getattr(instance, "decoders", ("none", "transformer"))))
 
 
 def _check_model_options(config: TrainConfig) -> None:
@@ -206,6 +244,56 @@ def _check_model_options(config: TrainConfig) -> None:
                          "(TrainConfig.for_model sets num_frames from the model)")
     if config.drop_path_rate > 0 and not facts.drop_path:
         raise ValueError(f"drop_path_rate {config.drop_path_rate:g}: {config.model} has no stochastic depth; use 0")
+
+
+# accepted size of the mwmha / mae decoder (as the encoders' FIELD_BOUNDS: no absurd model from a config)
+_DECODER_BOUNDS = {"decoder_depth": (1, 48), "decoder_embed_dim": (8, 2048)}
+
+
+def _resolve_decoder(config: TrainConfig) -> None:
+    """Settle `decoder` ("auto" -> "transformer" | "none") and the mwmha / mae decoder's size (0 -> MW-MAE's
+    depth 4, width 384), and check them against the model: ValueError naming what is accepted."""
+    if config.decoder == "auto":
+        config.decoder = "transformer" if config.decoder_depth > 0 else "none"
+    if config.decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {('auto',) + DECODERS}, got {config.decoder!r}")
+    accepted = _model_facts(config.model).decoders
+    if config.decoder not in accepted:
+        raise ValueError(f"decoder {config.decoder!r}: {config.model} trains with the decoders {accepted}")
+    if config.decoder in ("none", "transformer"):
+        if config.decoder_embed_dim:
+            raise ValueError(f"decoder_embed_dim {config.decoder_embed_dim} sizes the mwmha / mae decoders; the "
+                             f"{config.decoder} decoder has none (leave it 0)")
+        if config.decoder == "none" and config.decoder_depth:
+            raise ValueError(f"decoder 'none' with decoder_depth {config.decoder_depth}: choose --decoder transformer "
+                             "(or mwmha / mae) for a decoder, or leave decoder_depth 0")
+        if config.decoder == "transformer" and not config.decoder_depth:
+            raise ValueError("decoder 'transformer' needs its number of blocks: --decoder-depth N (N >= 1)")
+        return
+    from ..models.mwmae import MWMAE_DECODER, decoder_config
+
+    config.decoder_depth = config.decoder_depth or MWMAE_DECODER.depth
+    config.decoder_embed_dim = config.decoder_embed_dim or MWMAE_DECODER.embed_dim
+    for name, (low, high) in _DECODER_BOUNDS.items():
+        if not low <= getattr(config, name) <= high:
+            raise ValueError(f"{name} {getattr(config, name)} is outside [{low}, {high}] for the {config.decoder} "
+                             "decoder (0: MW-MAE's)")
+    settings = decoder_config(config.decoder, config.decoder_embed_dim, config.decoder_depth)  # width vs 8 heads
+    _check_decoder_fits(config, settings)
+
+
+def _check_decoder_fits(config: TrainConfig, settings) -> None:
+    """Build the (overridden) model and its decoder on the meta device, so that a decoder whose windows
+    do not divide the model's tokens is refused before training starts. An architecture that does not
+    build is left for `setup` to report, with its own message."""
+    from ..models.registry import model_builder
+
+    with torch.device("meta"):
+        try:
+            model = model_builder(config.model)(**config.model_overrides)
+        except (TypeError, ValueError):
+            return
+        model.build_decoder(settings)
 
 
 def _check_architecture(model: str, overrides: dict) -> None:

@@ -29,10 +29,11 @@ def export(model, out: Path, config: TrainConfig, steps: int, loss: float, secon
         f"{'masked' if config.masked_only_loss else 'all'} patches"
         f"{' (targets standardised per patch)' if config.patch_normalized_targets else ''}"
         f"{f' + {config.discriminative_weight:g} x InfoNCE' if config.discriminative_weight else ''}"
-        f"{f', through a {config.decoder_depth}-block training-only decoder' if config.decoder_depth else ''}"
+        f"{_decoder_text(config)}"
         f"{f', drop path {config.drop_path_rate:g}' if config.drop_path_rate else ''}, AdamW lr {config.lr:.3g} "
         f"(base {config.base_lr:g} x {config.batch_size}/256, {config.lr_schedule} after warm-up), "
-        f"betas ({config.beta1:g}, {config.beta2:g}), wd {config.weight_decay:g}, seed {config.seed}"
+        f"betas ({config.beta1:g}, {config.beta2:g}), wd {config.weight_decay:g}"
+        f"{' on every parameter' if config.decay_all_parameters else ''}, seed {config.seed}"
     )
     provenance = (
         f"data: {source.describe() if source is not None else config.data}",
@@ -48,6 +49,18 @@ def export(model, out: Path, config: TrainConfig, steps: int, loss: float, secon
     save_pretrained(model, target, dtype=dtype, overwrite=True, model_card=card)
     write_text_atomic(target / "README.md", card)  # save_pretrained keeps an existing card: a rerun replaces its own
     return target
+
+
+def _decoder_text(config: TrainConfig) -> str:
+    """', through a ... training-only decoder' of the model card ('' without one)."""
+    if config.decoder == "transformer":
+        return f", through a {config.decoder_depth}-block training-only decoder"
+    if config.decoder in ("mwmha", "mae"):
+        heads = "multi-window heads (windows 2, 5, 10, 25, 50, 125, global x 2)" if config.decoder == "mwmha" \
+            else "global heads"
+        return (f", through a training-only {config.decoder} decoder ({config.decoder_embed_dim}-d, depth "
+                f"{config.decoder_depth}, 8 {heads}) that predicts the patches")
+    return ""
 
 
 def _schedule_changes(resumes: list[dict]) -> list[str]:

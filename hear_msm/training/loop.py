@@ -133,8 +133,8 @@ def setup(config: TrainConfig, out: Path, resume: bool, info: "Dist", device: to
     loader, sampler = make_loader(source, local_batch, config.num_frames, config.seed, info.rank,
                                   info.world_size, start_step, config.num_workers)
     total, warmup = schedule_steps(config, sampler.batches_per_epoch)
-    optimizer = torch.optim.AdamW(parameter_groups(objective, config.weight_decay), lr=config.lr,
-                                  betas=(config.beta1, config.beta2))
+    optimizer = torch.optim.AdamW(parameter_groups(objective, config.weight_decay, config.decay_all_parameters),
+                                  lr=config.lr, betas=(config.beta1, config.beta2))
     min_ratio = config.min_lr / config.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup, total, min_ratio, config.lr_schedule))
@@ -284,9 +284,10 @@ def build_model(config: TrainConfig):
     return model
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, every_parameter: bool = False) -> list[dict]:
     """Decay matrices only: biases, norm scales, 1-D params (Mamba's D, xLSTM gates/skips),
-    positions, cls/mask tokens and Mamba's A_log (mamba-ssm's `_no_weight_decay`) are exempt."""
+    positions, cls/mask tokens and Mamba's A_log (mamba-ssm's `_no_weight_decay`) are exempt.
+    `every_parameter`: decay them all (MW-MAE's `optax.adamw` without a mask); frozen ones never."""
     exempt_names = ("pos_embed", "cls_token", "mask_token", "mask_embed", "A_log", "A_b_log")
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -294,7 +295,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         exempt = param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in exempt_names \
             or getattr(param, "_no_weight_decay", False)
-        (no_decay if exempt else decay).append(param)
+        (no_decay if exempt and not every_parameter else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -304,22 +305,35 @@ class Objective(nn.Module):
 
     def __init__(self, model, config: "TrainConfig"):
         super().__init__()
-        from ..models.transformer import build_training_decoder
-
         self.model = model
-        self.decoder = build_training_decoder(model.config.embed_dim, config.decoder_depth, model.config.norm_eps) \
-            if config.decoder_depth > 0 else None
+        self.decoder = build_decoder(model, config)
         self.options = dict(masked_only=config.masked_only_loss,
                             patch_normalized_targets=config.patch_normalized_targets,
                             discriminative_weight=config.discriminative_weight,
                             generative_weight=config.generative_weight)
-        # parameters this objective never reaches (SSAMBA: Vim's classification head, a head weighted 0)
-        # are frozen: no optimizer state for them, and DDP does not wait for their gradients
-        for param in getattr(model, "parameters_unused_by", lambda **_: [])(**self.options):
+        # parameters this objective never reaches (SSAMBA: Vim's classification head, a head weighted 0;
+        # a head replaced by a decoder that predicts the patches) are frozen: no optimizer state for
+        # them, and DDP does not wait for their gradients
+        for param in getattr(model, "parameters_unused_by", lambda **_: [])(**self.options, decoder=self.decoder):
             param.requires_grad_(False)
 
     def forward(self, spectrogram: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model.reconstruction_loss(spectrogram, mask, decoder=self.decoder, **self.options)
+
+
+def build_decoder(model, config: "TrainConfig") -> nn.Module | None:
+    """The training-only decoder `config.decoder` names (TrainConfig checked that the model takes it):
+    None, `decoder_depth` Transformer blocks of the encoder's width, or MW-MAE's decoder built by the model
+    (`build_decoder`: on the visible patches for MW-MAE / MAE encoders, on all patch tokens otherwise)."""
+    if config.decoder == "none":
+        return None
+    if config.decoder == "transformer":
+        from ..models.transformer import build_training_decoder
+
+        return build_training_decoder(model.config.embed_dim, config.decoder_depth, model.config.norm_eps)
+    from ..models.mwmae import decoder_config
+
+    return model.build_decoder(decoder_config(config.decoder, config.decoder_embed_dim, config.decoder_depth))
 
 
 @dataclass
