@@ -7,11 +7,6 @@ every step of a run sees the same batch (crops of short clips are the whole clip
 """
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 from ddp_helpers import train_on_two_ranks
+from training_helpers import kill_after_first_checkpoint, tone
 from numerics import assert_float64_anchored
 from safetensors.torch import load_file
 
@@ -30,19 +26,10 @@ from hear_msm.training import TrainConfig, loop
 from hear_msm.training import state as run_state
 from hear_msm.training.config import RECIPES
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 TINY_DECODER = {"decoder_embed_dim": 32, "decoder_depth": 1}
 TINY_FLAGS = ["--override", "depth=2", "--override", "embed_dim=64", "--override", "num_heads=2",
               "--decoder-embed-dim", "32", "--decoder-depth", "1"]
-
-
-def _tone(seconds: float, rate: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    pitch = 110 * 2 ** rng.uniform(0, 4)
-    wave = 0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.5 * np.sin(2 * np.pi * rng.uniform(1, 4) * t))
-    return (wave + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +38,7 @@ def audio_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("audio")
     for i in range(4):
         suffix, rate = [("wav", 16000), ("flac", 22050)][i % 2]
-        sf.write(root / f"clip{i}.{suffix}", _tone(1.2 + 0.2 * i, rate, i), rate)
+        sf.write(root / f"clip{i}.{suffix}", tone(1.2 + 0.2 * i, rate, i), rate)
     return root
 
 
@@ -281,7 +268,7 @@ def test_pretrain_run_learns_the_repeated_batch_and_exports_the_encoder(audio_di
     loaded = hear_msm.load_model(result.export_dir)  # strict
     assert all(torch.equal(loaded.state_dict()[key], value) for key, value in stored.items())
     hear = HearModel(loaded)
-    audio = torch.from_numpy(_tone(3.0, 16000, 11))[None]
+    audio = torch.from_numpy(tone(3.0, 16000, 11))[None]
     embeddings, timestamps = hear.timestamp_embeddings(audio)
     assert embeddings.shape == (1, timestamps.shape[1], 5 * 64) and torch.isfinite(embeddings).all()
 
@@ -297,7 +284,7 @@ def test_full_size_mae_export_embeds_through_hear_msm_mae_base(audio_dir, tmp_pa
                  "--warmup-steps", "0", "--batch-size", "1", "--no-progress", "--export-dtype", "float16"]) == 0
     assert json.loads((run / "train_config.json").read_text())["decoder"] == "mae"
     hear = module.load_model(str(run / "final"))
-    scenes = module.get_scene_embeddings(torch.from_numpy(_tone(2.5, 16000, 3))[None], hear)
+    scenes = module.get_scene_embeddings(torch.from_numpy(tone(2.5, 16000, 3))[None], hear)
     assert scenes.shape == (1, 3840) and torch.isfinite(scenes).all()
 
 
@@ -346,14 +333,6 @@ def test_runs_saved_before_the_decoder_choice_resume_as_they_were(audio_dir, tmp
         assert torch.equal(resumed.model.state_dict()[name], value), name
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hear_msm.cli", "pretrain", *args]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
 def test_sigkill_then_resume_matches_uninterrupted_run_decoder_included(audio_dir, tmp_path, capsys):
     """A run killed after a checkpoint and resumed (CLI, recipe taken from the run) ends with the
     encoder, decoder and optimizer state of an uninterrupted run, bit for bit."""
@@ -363,15 +342,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run_decoder_included(audio_di
             "--warmup-steps", "3", "--base-lr", "0.05", "--checkpoint-every", "3", "--log-every", "1",
             "--no-progress", "--seed", "3"]
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli(*args, "--out", str(killed)), env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (killed / "checkpoint.pt").exists():
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_first_checkpoint(args, killed)
     step = run_state.load_checkpoint(killed / "checkpoint.pt")["step"]
     assert 0 < step < 30 and not (killed / "final").exists()
 

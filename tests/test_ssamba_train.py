@@ -4,12 +4,7 @@ recipe as the defaults of `hear-msm pretrain`, Kaldi fbank data, kill + resume, 
 Tiny configs (depth 2, embed_dim 64, 256-frame inputs = 128 patches) keep the file near a minute.
 """
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +16,7 @@ from numerics import assert_float64_anchored
 from safetensors.torch import load_file
 
 from ddp_helpers import train_on_two_ranks
+from training_helpers import kill_after_first_checkpoint, tone
 
 import hear_msm
 from hear_msm import training
@@ -31,17 +27,8 @@ from hear_msm.training import data as _data
 from hear_msm.training import state as run_state
 from hear_msm.training.config import RECIPES
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = {"depth": 2, "embed_dim": 64, "num_frames": 256}
 TINY_FLAGS = ["--override", "depth=2", "--override", "embed_dim=64", "--override", "num_frames=256"]
-
-
-def _tone(seconds: float, rate: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    pitch = 110 * 2 ** rng.uniform(0, 4)
-    wave = 0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.5 * np.sin(2 * np.pi * rng.uniform(1, 4) * t))
-    return (wave + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +37,7 @@ def audio_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("audio")
     for i in range(8):
         suffix, rate = [("wav", 16000), ("flac", 22050)][i % 2]
-        sf.write(root / f"clip{i}.{suffix}", _tone(1.2 + 0.4 * i, rate, i), rate)
+        sf.write(root / f"clip{i}.{suffix}", tone(1.2 + 0.4 * i, rate, i), rate)
     return root
 
 
@@ -334,7 +321,7 @@ def test_export_of_the_preset_embeds_through_the_hear_module(audio_dir, tmp_path
     stored = load_file(str(final / "model.safetensors"))
     assert stored["mask_embed"].dtype == torch.float16 and stored["p_input_tdim"].dtype == torch.int64
     hear = module.load_model(str(final))
-    audio = torch.from_numpy(_tone(3.0, 16000, 11))[None]
+    audio = torch.from_numpy(tone(3.0, 16000, 11))[None]
     embeddings, timestamps = module.get_timestamp_embeddings(audio, hear)
     assert embeddings.shape[:2] == timestamps.shape and embeddings.shape[2] == 8 * 192
     assert torch.isfinite(embeddings).all()
@@ -370,14 +357,6 @@ def test_logmel_shards_are_refused_for_another_front_end(audio_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ resume, DDP
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hear_msm.cli", "pretrain", *args]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
 def test_sigkill_then_resume_matches_uninterrupted_run_with_drop_path(audio_dir, tmp_path, capsys):
     """A run killed after a checkpoint and resumed (CLI, recipe taken from the run) ends with the
     weights of an uninterrupted run. Drop path draws from torch's generator, seeded per step, so
@@ -388,15 +367,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run_with_drop_path(audio_dir,
             "--warmup-steps", "3", "--base-lr", "0.05", "--checkpoint-every", "3", "--log-every", "1",
             "--drop-path-rate", "0.5", "--no-progress", "--seed", "3"]
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli(*args, "--out", str(killed)), env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (killed / "checkpoint.pt").exists():
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_first_checkpoint(args, killed)
     step = run_state.load_checkpoint(killed / "checkpoint.pt")["step"]
     assert 0 < step < 20 and not (killed / "final").exists()
 

@@ -4,12 +4,8 @@ Tiny configs (depth 2, batch 2-4) keep the whole file to about a minute of one C
 """
 import csv
 import json
-import os
-import signal
 import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddp_helpers import train_on_two_ranks
+from training_helpers import cli_env, kill_after_first_checkpoint, pretrain_cli, tone
 
 import hear_msm
 from hear_msm import training
@@ -28,17 +25,7 @@ from hear_msm.training import config as run_config
 from hear_msm.training import data as _data
 from hear_msm.training import TrainConfig, TrainingDiverged
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = {"depth": 2}
-
-
-def _tone(seconds: float, rate: int, channels: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    pitch = 110 * 2 ** rng.uniform(0, 4)
-    mono = 0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.5 * np.sin(2 * np.pi * rng.uniform(1, 4) * t))
-    mono += 0.02 * rng.standard_normal(len(t))
-    return np.repeat(mono[:, None], channels, axis=1).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +38,9 @@ def audio_dir(tmp_path_factory) -> Path:
         suffix, rate, channels = formats[i % 4]
         seconds = 12.0 if i == 0 else 0.8 + 0.4 * i
         folder = root / "sub" if i % 2 else root
-        sf.write(folder / f"clip{i:02d}.{suffix}", _tone(seconds, rate, channels, i), rate)
+        sf.write(folder / f"clip{i:02d}.{suffix}", tone(seconds, rate, i, channels=channels), rate)
     (root / "broken.wav").write_bytes(b"RIFF not really a wave file")
-    sf.write(root / "blip.wav", _tone(0.1, 16000, 1, 99), 16000)
+    sf.write(root / "blip.wav", tone(0.1, 16000, 99, channels=1), 16000)
     return root
 
 
@@ -246,36 +233,20 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hear_msm.cli", "pretrain", *args]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
 def test_sigkill_then_resume_matches_uninterrupted_run(audio_dir, tmp_path):
     args = ["--model", "ssast_tiny", "--override", "depth=2", "--data", str(audio_dir), "--steps", "40",
             "--batch-size", "2", "--warmup-steps", "5", "--base-lr", "0.01", "--checkpoint-every", "4",
             "--log-every", "1", "--no-progress", "--seed", "3"]
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli(*args, "--out", str(killed)), env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (killed / "checkpoint.pt").exists():
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_first_checkpoint(args, killed)
     step = run_state.load_checkpoint(killed / "checkpoint.pt")["step"]
     assert 0 < step < 40 and not (killed / "final").exists()
 
-    resumed = subprocess.run(_cli("--out", str(killed), "--resume", "--no-progress"), env=_env(),
+    resumed = subprocess.run(pretrain_cli("--out", str(killed), "--resume", "--no-progress"), env=cli_env(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {step}" in resumed.stderr
-    straight = subprocess.run(_cli(*args, "--out", str(tmp_path / "straight")), env=_env(),
+    straight = subprocess.run(pretrain_cli(*args, "--out", str(tmp_path / "straight")), env=cli_env(),
                               capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
 
@@ -287,7 +258,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(audio_dir, tmp_path):
     log_steps = [int(r.split(",")[0]) for r in (killed / "log.csv").read_text().splitlines()[1:]]
     assert log_steps == list(range(1, 41))  # the killed tail was dropped, no duplicates
 
-    with_other_recipe = subprocess.run(_cli("--out", str(killed), "--resume", "--mask-ratio", "0.3"), env=_env(),
+    with_other_recipe = subprocess.run(pretrain_cli("--out", str(killed), "--resume", "--mask-ratio", "0.3"), env=cli_env(),
                                        capture_output=True, text=True)
     assert with_other_recipe.returncode == 2 and "mask_ratio" in with_other_recipe.stderr
 
