@@ -12,12 +12,32 @@ from pathlib import Path
 import torch
 
 
+# CPU flags that decide which kernels run (vector width, native bfloat16 / int8 dot products, AMX)
+FLAGS_THAT_MATTER = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                     "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> dict:
+    """Vendor, model name and the flags above, from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_vendor": fields.get("vendor_id"), "cpu_model": fields.get("model name"),
+            "cpu_family": fields.get("cpu family"), "cpu_flags": [f for f in FLAGS_THAT_MATTER if f in flags]}
+
+
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "python": sys.version.split()[0], "torch": torch.__version__, "cpu_count": os.cpu_count(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform(),
-        "load_average_at_start": load, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), **cpu_description(),
+        "platform": platform.platform(), "load_average_at_start": load, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from _util import table
 
 COLUMNS = {
-    "throughput": ["threads", "batch", "model", "mode", "x_realtime", "vs_ssast_tiny", "vs_official"],
+    "throughput": ["threads", "batch", "model", "mode", "x_realtime", "vs_ssast_tiny", "vs_hear1", "vs_official"],
     "seqlen": ["model", "seconds_audio", "tokens", "time_s", "x_realtime", "peak_mb", "time_vs_1min", "mem_vs_1min", "note"],
     "flops": ["threads", "what", "gflops", "of_matmul", "x_realtime"],
     "full_vs_chunked": ["task", "seconds", "model", "setting", "top1", "chroma"],
@@ -30,7 +30,10 @@ def main():
             continue
         machine = data["machine"]
         print(f"### {path.name}\n\n{machine['time']}, load average at start {machine['load_average_at_start']}, "
-              f"torch {machine['torch']}, {machine['cpu_count']} CPUs ({machine['cpu_capability']})\n")
+              f"torch {machine['torch']}, {machine['cpu_count']} CPUs ({machine['cpu_capability']})"
+              + (f", {machine['cpu_vendor']} {machine['cpu_model']} (family {machine['cpu_family']}; "
+                 f"{' '.join(machine['cpu_flags'])})" if machine.get("cpu_model") else "")
+              + (f", clock {data['clock']}" if data.get("clock") else "") + "\n")
         print(table(data["rows"], COLUMNS[kind]) + "\n")
 
 

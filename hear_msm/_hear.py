@@ -148,19 +148,19 @@ class HearModel(nn.Module):
 
     @property
     def max_batch_chunks(self) -> int:
-        """Chunks per encoder call. Default (None): 32 on GPU; on CPU, per thread, 8 for the tiny SSAST
-        and SSAM and 4 for tiny AxLSTM (whose 251 x 251 gate matrices leave the cache sooner), halved
-        for each doubling of the width (small, base), at least 1 and at most 32 in all: one thread
-        is fastest with batches that stay in cache, more threads need bigger batches to share out
-        (benchmarks/README.md, notes 6 and 13). Batching changes results only by float rounding (tests)."""
+        """Chunks per encoder call. Default (None): 32 on GPU; on CPU 4 per thread for the tiny models,
+        halved for each doubling of the width (small, base) or of the tokens per chunk, at least 1 and
+        at most 32 in all. A rule, not a per-machine measurement: it must never be slower than one
+        chunk per call, and 4 per thread is the count that held on the Intel and AMD CPUs measured,
+        where 8 or 16 lose on some (benchmarks/README.md, notes 6, 13 and 16). More threads need
+        bigger batches to share out. Batching changes results only by float rounding (tests)."""
         if self._max_batch_chunks is not None:
             return self._max_batch_chunks
         if next(self.encoder.parameters()).is_cuda:
             return 32
         config = self.encoder.config
-        # the tiny 2 s chunk is the unit; wider models and longer chunks take proportionally fewer
-        per_thread = (4 if config.family == "xlstm" else 8) * 192 // config.embed_dim
-        per_thread = max(1, per_thread * 251 // (1 + config.num_patches))
+        # the tiny model's 2 s chunk (251 tokens of width 192) is the unit
+        per_thread = max(1, 4 * 192 // config.embed_dim * 251 // (1 + config.num_patches))
         return min(32, per_thread * max(1, torch.get_num_threads()))
 
     @property
@@ -405,7 +405,8 @@ def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", 
     layout: "time" (correct time order, default) or "official" (the authors' scrambled frame
         layout, only to reproduce published numbers); see this module's docstring.
     max_batch_chunks: how many 2 s chunks go through the encoder at once (bounds memory; in full
-        mode, clips are grouped while their tokens fit this many chunks); None = 4 on CPU, 32 on GPU.
+        mode, clips are grouped while their tokens fit this many chunks); None = the device's default
+        (`HearModel.max_batch_chunks`).
     sequence: "chunked" (default, 2 s chunks as in pretraining) or "full" (SSAM/AxLSTM only: the
         whole clip as one sequence, linear time and memory); see this module's docstring.
     segment_tokens: full mode only, tokens per segment (5 per 40 ms); bounds working memory.
