@@ -30,10 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hear_msm
-from hear_msm import _checkpoint, _weights
+from hear_msm import _torch_file, _weights
 from hear_msm import training
 from hear_msm.training import state as run_state
-from hear_msm._checkpoint import load_torch_file, read_official_checkpoint
+from hear_msm._checkpoint import read_official_checkpoint
+from hear_msm._torch_file import load_torch_file
 from hear_msm.models.encoder import FIELD_BOUNDS
 from hear_msm.models.registry import config_classes
 
@@ -256,8 +257,8 @@ class _StateOfATensor:
 
 HOSTILE_PICKLES = {
     "deep tuple key": (_deep_tuple_key(300_000), "a dictionary key of type tuple"),
-    "deep lists": (_deep_lists(100_000), f"nested more than {_checkpoint.MAX_NESTING} levels"),
-    "shared lists": (_shared_lists(60), f"more than {_checkpoint.MAX_OBJECTS} objects"),
+    "deep lists": (_deep_lists(100_000), f"nested more than {_torch_file.MAX_NESTING} levels"),
+    "shared lists": (_shared_lists(60), f"more than {_torch_file.MAX_OBJECTS} objects"),
     "str of shared lists": (_opcodes(b"c__builtin__\nstr\n", _shared_lists(40)[2:-1], b"\x85R"),
                             "only scalar arguments"),
     "bytes of a huge size": (_opcodes(b"c__builtin__\nbytes\n\x8a\x06\x00\x00\x00\x00\x00\x01\x85R"),

@@ -56,7 +56,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume from: {path}")
-    from .._checkpoint import load_torch_file
+    from .._torch_file import load_torch_file
 
     # untrusted like any .pth: no pickle code runs and every tensor record is checked against its
     # zip entry before a tensor is built on it (torch.load trusts the sizes a file declares)
