@@ -11,8 +11,9 @@ and the HEAR extraction (4 clips x 10 s, default batching) with the same count p
 block and the default CPU inference path, `hear_msm.models.transformer.resolve`), so a change is
 compared before/after in one run. Every measurement is timed once per round, the rounds
 interleaved (order reversed every other round) so that a busy spell of a shared machine falls on
-all of them; reported: the best round (noise only slows a run down) and, for the model rows, the
-median over rounds of the ratio to the first kernel's time in the same round (`vs_first`).
+all of them; reported: the best round (noise only slows a run down), the ratio of medians
+(`of_matmul_median`, steadier on a loaded machine) and, for the model rows, the median over
+rounds of the ratio to the first kernel's time in the same round (`vs_first`).
 `--clock cpu` times with the calling thread's CPU time (one thread only: then all compute runs on
 it, and time the machine gives to other processes is not counted).
 
@@ -93,7 +94,8 @@ def measure(threads: int, chunks: int, kernels: list[str], rounds: int, clock) -
     for job, times in zip(todo, seconds):
         best = min(times)
         row = {"threads": threads, "what": job["what"], "kernel": job.get("kernel", ""),
-               "gflops": job["flops"] / best / 1e9, "seconds": times}
+               "gflops": job["flops"] / best / 1e9, "gflops_median": job["flops"] / statistics.median(times) / 1e9,
+               "seconds": times}
         if "audio" in job:
             row["x_realtime"] = job["audio"] / best
             first = next(i for i, other in enumerate(todo) if other["what"] == job["what"])
@@ -101,6 +103,7 @@ def measure(threads: int, chunks: int, kernels: list[str], rounds: int, clock) -
         rows.append(row)
     for row in rows:
         row["of_matmul"] = row["gflops"] / rows[reference]["gflops"]
+        row["of_matmul_median"] = row["gflops_median"] / rows[reference]["gflops_median"]
     return rows
 
 
@@ -119,9 +122,10 @@ def main():
     for threads in args.threads:
         rows += measure(threads, args.chunks, args.kernels, args.rounds, CLOCKS[args.clock])
     progress(1, 1, "done")
-    print(table(rows, ["threads", "what", "kernel", "gflops", "of_matmul", "x_realtime", "vs_first"]))
-    print(f"clock: {args.clock}; best of {args.rounds} interleaved rounds; vs_first: median over rounds of the "
-          f"speed ratio to kernel {args.kernels[0]!r} in the same round")
+    print(table(rows, ["threads", "what", "kernel", "gflops", "of_matmul", "of_matmul_median", "x_realtime",
+                       "vs_first"]))
+    print(f"clock: {args.clock}; best of {args.rounds} interleaved rounds (of_matmul_median: medians); vs_first: "
+          f"median over rounds of the speed ratio to kernel {args.kernels[0]!r} in the same round")
     write_json(args.out, {"chunks": args.chunks, "clock": args.clock, "rounds": args.rounds,
                           "kernels": args.kernels, "rows": rows})
 
