@@ -272,7 +272,7 @@ def test_written_files_are_readable_as_the_umask_allows(tmp_path, weights_dir, c
 
 # ------------------------------------------------------------------------- kernels
 ACCEPTED_KERNELS = {
-    "ssast_tiny": ("auto", "reference"),
+    "ssast_tiny": ("auto", "onednn", "reference"),
     "ssam_tiny": ("auto", "cuda", "cpu", "reference"),
     "axlstm_tiny": ("auto", "cpu", "fused", "reference"),
 }
