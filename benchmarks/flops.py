@@ -53,7 +53,8 @@ def repeated(function, times: int):
 def jobs(chunks: int, kernels: list[str]) -> list[dict]:
     """What to time: label, function, FLOPs per call, seconds of audio per call (or None), kernel."""
     out = []
-    for m, k, n in [(chunks * 251, 192, 768), (1024, 1024, 1024)]:
+    # the reference first; then the shape of one HEAR call (4 chunks per call per thread) and a square one
+    for m, k, n in [(chunks * 251, 192, 768), (4 * 251, 192, 768), (1024, 1024, 1024)]:
         a, b = torch.randn(m, k), torch.randn(k, n)
         out.append({"what": f"matmul [{m},{k}]@[{k},{n}]", "run": repeated(lambda a=a, b=b: a @ b, 10),
                     "flops": 10 * 2 * m * k * n})
