@@ -108,6 +108,8 @@ def test_resolve():
         resolve("onednn", x32, needs_grad=True)
     with pytest.raises(ValueError, match="float64"):
         resolve("onednn", x64, needs_grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert resolve("auto", x32, needs_grad=False) == "reference"
     with pytest.raises(ValueError, match="kernel must be one of"):
         resolve("fused", x32, needs_grad=False)
     with pytest.raises(ValueError, match="kernel must be one of"):

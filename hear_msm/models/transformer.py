@@ -153,8 +153,8 @@ def onednn_available() -> bool:
 def resolve(kernel: str, x: torch.Tensor, needs_grad: bool) -> str:
     """The one dispatch decision of the block for input x [B, L, D]: "onednn" or "reference".
 
-    `auto` takes onednn for float32 CPU tensors without gradients when PyTorch has oneDNN and
-    D <= ONEDNN_MAX_WIDTH; `onednn` demands it at any width (ValueError saying why it cannot run);
+    `auto` takes onednn for float32 CPU tensors without gradients or autocast when PyTorch has
+    oneDNN and D <= ONEDNN_MAX_WIDTH; `onednn` demands it at any width (ValueError saying why it cannot run);
     `reference` never takes it.
     """
     check_kernel(kernel)
@@ -163,6 +163,8 @@ def resolve(kernel: str, x: torch.Tensor, needs_grad: bool) -> str:
     why_not = ("gradients are needed (it is an inference path)" if needs_grad else
                f"the input is {x.dtype} on {x.device.type} (it runs float32 on CPU)"
                if x.device.type != "cpu" or x.dtype != torch.float32 else
+               # autocast would not see the oneDNN op, so its Linears would silently stay float32
+               "CPU autocast is on" if torch.is_autocast_enabled("cpu") else
                "this PyTorch has no oneDNN Linear with fused epilogues" if not onednn_available() else "")
     if kernel == "onednn" and why_not:
         raise ValueError(f"kernel='onednn' cannot run: {why_not}; use kernel='auto' or 'reference'")
