@@ -52,7 +52,8 @@ def test_onednn_block_is_float64_anchored(width, gelu, kernel, batch):
     block, x = _block(width, gelu), _inputs(batch, width)
     ours, theirs = _run(block, x, kernel), _run(block, x, "reference")
     reference = _run(copy.deepcopy(block).double(), x.double(), "reference")
-    print(f"width {width}, {gelu} GELU, batch {batch}: bit-identical to the reference here: {torch.equal(ours, theirs)}")
+    print(f"width {width}, {gelu} GELU, batch {batch}: bit-identical to the reference here: "
+          f"{torch.equal(ours, theirs)}")
     assert_float64_anchored(f"block {width} {gelu}", ours, theirs, reference, floor=FLOOR)
 
 

@@ -93,9 +93,9 @@ class TransformerBlock(nn.Module):
         The qkv, proj and first MLP Linear run as oneDNN inner products whose bias add, residual add
         (proj) and exact GELU (layer1) are applied to the accumulator before it is stored, instead of
         ATen's bias broadcast copy, a separate add pass and a separate GELU pass. layer2 (K = 4D)
-        stays ATen's (see ONEDNN_MAX_WIDTH), with the residual added in place. Each epilogue is the
-        same float32 operation in the same order as the reference (tests/test_transformer_fused.py:
-        the float64-anchored bound, and equality where both libraries sum alike).
+        stays ATen's (see ONEDNN_MAX_WIDTH), with the residual added in place. At D <= 192 every
+        result rounded as the reference's on the AMD EPYC measured; tests/test_transformer_fused.py holds
+        it to the float64-anchored bound on any CPU.
         """
         linear = torch.ops.mkldnn._linear_pointwise
         attn, mlp = self.attn, self.mlp
@@ -124,10 +124,10 @@ class TransformerBlock(nn.Module):
 # (CPU, float32, no gradients, PyTorch built with oneDNN) and is as accurate, else the reference.
 KERNELS = ("auto", "onednn", "reference")
 
-# oneDNN's inner product sums all K = width products of an output in one chain; ATen's CPU GEMM sums
-# blocks of K. Up to K = 192 (SSAST-tiny, MW-MAE-tiny) the two gave identical bits; above it oneDNN
-# measured 1.2-1.4x ATen's rms error against float64 (benchmarks/README.md, note 17), so `auto`
-# keeps wider models on the reference.
+# Up to K = in_features = 192 (SSAST-tiny, MW-MAE-tiny) oneDNN's Linear and ATen's gave identical
+# bits; from K = 256 on, oneDNN measured 1.2-1.4x ATen's rms error against float64 (as if it summed
+# all K products in one chain where ATen's GEMM sums blocks of K; benchmarks/README.md, note 17),
+# so `auto` keeps wider models on the reference.
 ONEDNN_MAX_WIDTH = 192
 
 
@@ -154,8 +154,8 @@ def resolve(kernel: str, x: torch.Tensor, needs_grad: bool) -> str:
     """The one dispatch decision of the block for input x [B, L, D]: "onednn" or "reference".
 
     `auto` takes onednn for float32 CPU tensors without gradients or autocast when PyTorch has
-    oneDNN and D <= ONEDNN_MAX_WIDTH; `onednn` demands it at any width (ValueError saying why it cannot run);
-    `reference` never takes it.
+    oneDNN and D <= ONEDNN_MAX_WIDTH; `onednn` demands it at any width (ValueError saying why it
+    cannot run); `reference` never takes it.
     """
     check_kernel(kernel)
     if kernel == "reference":
