@@ -2,7 +2,8 @@
 """(d) Achieved FLOP rate of SSAST-tiny (the Transformer) against a plain matmul, same run.
 
 For each thread count: the fp32 rate of a plain matmul of the shapes the model uses most
-([tokens, 192] @ [192, 768]) and of a large square one; the rate of F.scaled_dot_product_attention
+([tokens, 192] @ [192, 768], for the forward's batch -- the reference of `of_matmul` -- and for one
+HEAR call of 4 chunks) and of a large square one; the rate of F.scaled_dot_product_attention
 on SSAST-tiny's shapes; and SSAST-tiny's whole forward (batch of 2 s chunks, analytic FLOP count:
 every Linear, the attention products and the patch projection; elementwise work not counted),
 and the HEAR extraction (4 clips x 10 s, default batching) with the same count per 2 s chunk.
@@ -18,7 +19,7 @@ rounds of the ratio to the first kernel's time in the same round (`vs_first`).
 it, and time the machine gives to other processes is not counted).
 
     python benchmarks/flops.py --threads 1 2 --out benchmarks/results/flops.json
-    python benchmarks/flops.py --threads 1 --clock cpu --kernels reference auto --rounds 7
+    python benchmarks/flops.py --threads 1 --clock cpu --kernels reference auto --rounds 11
 """
 from __future__ import annotations
 
