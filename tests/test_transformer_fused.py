@@ -111,6 +111,8 @@ def test_resolve():
         resolve("onednn", x64, needs_grad=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert resolve("auto", x32, needs_grad=False) == "reference"
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert resolve("auto", x32, needs_grad=False) == "reference"
     with pytest.raises(ValueError, match="kernel must be one of"):
         resolve("fused", x32, needs_grad=False)
     with pytest.raises(ValueError, match="kernel must be one of"):

@@ -165,7 +165,9 @@ def resolve(kernel: str, x: torch.Tensor, needs_grad: bool) -> str:
                if x.device.type != "cpu" or x.dtype != torch.float32 else
                # autocast would not see the oneDNN op, so its Linears would silently stay float32
                "CPU autocast is on" if torch.is_autocast_enabled("cpu") else
-               "this PyTorch has no oneDNN Linear with fused epilogues" if not onednn_available() else "")
+               "this PyTorch has no oneDNN Linear with fused epilogues" if not onednn_available() else
+               "oneDNN is switched off (torch.backends.mkldnn.flags(enabled=False))"
+               if not torch._C._get_mkldnn_enabled() else "")
     if kernel == "onednn" and why_not:
         raise ValueError(f"kernel='onednn' cannot run: {why_not}; use kernel='auto' or 'reference'")
     if why_not or (kernel == "auto" and x.shape[-1] > ONEDNN_MAX_WIDTH):
