@@ -123,6 +123,11 @@ def test_resolve():
         hear_msm.create_model("ssast_tiny", kernel="cpu")
 
 
+def test_compiled_graphs_trace_the_reference(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert resolve("auto", torch.zeros(1, 3, 192), needs_grad=False) == "reference"
+
+
 def test_without_onednn_auto_falls_back(monkeypatch):
     monkeypatch.setattr(transformer, "onednn_available", lambda: False)
     x = torch.zeros(1, 3, 192)

@@ -154,11 +154,12 @@ def resolve(kernel: str, x: torch.Tensor, needs_grad: bool) -> str:
     """The one dispatch decision of the block for input x [B, L, D]: "onednn" or "reference".
 
     `auto` takes onednn for float32 CPU tensors without gradients or autocast when PyTorch has
-    oneDNN and D <= ONEDNN_MAX_WIDTH; `onednn` demands it at any width (ValueError saying why it
+    oneDNN and D <= ONEDNN_MAX_WIDTH, outside torch.compile; `onednn` demands it at any width (ValueError saying why it
     cannot run); `reference` never takes it.
     """
     check_kernel(kernel)
-    if kernel == "reference":
+    # under torch.compile the plain block is traced: inductor fuses the epilogues itself
+    if kernel == "reference" or (kernel == "auto" and torch.compiler.is_compiling()):
         return "reference"
     why_not = ("gradients are needed (it is an inference path)" if needs_grad else
                f"the input is {x.dtype} on {x.device.type} (it runs float32 on CPU)"
