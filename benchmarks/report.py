@@ -14,7 +14,7 @@ from _util import table
 COLUMNS = {
     "throughput": ["threads", "batch", "model", "mode", "x_realtime", "vs_ssast_tiny", "vs_hear1", "vs_official"],
     "seqlen": ["model", "seconds_audio", "tokens", "time_s", "x_realtime", "peak_mb", "time_vs_1min", "mem_vs_1min", "note"],
-    "flops": ["threads", "what", "gflops", "of_matmul", "x_realtime"],
+    "flops": ["threads", "what", "kernel", "gflops", "of_matmul", "of_matmul_median", "x_realtime", "vs_first"],
     "full_vs_chunked": ["task", "seconds", "model", "setting", "top1", "chroma"],
     "train_step": ["model", "kernel", "batch", "threads", "step_s", "first_step_s", "peak_rss_mb"],
 }

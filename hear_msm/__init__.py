@@ -45,7 +45,10 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
         reference; "cpu" and "cuda" demand their kernel. AxLSTM, the mLSTM gate kernel
         (`hear_msm.models.xlstm.set_mlstm_kernel`), "auto" | "cpu" | "fused" | "reference": "auto" takes
         the compiled CPU kernel for inference on CPU (bit-identical), "cpu" demands it,
-        "reference" keeps xlstm's PyTorch form. SSAST, "auto" | "reference" (one attention path).
+        "reference" keeps xlstm's PyTorch form. SSAST (and MW-MAE / MAE), "auto" | "onednn" |
+        "reference": "auto" runs the block's Linear layers with oneDNN epilogues (bias, residual add,
+        exact GELU) for float32 inference on CPU at widths up to 192, "onednn" demands it at any
+        width, "reference" is the plain PyTorch block (`hear_msm.models.transformer.resolve`).
         SSAMBA as SSAM (both scan directions).
     """
     from .models.registry import model_builder

@@ -272,7 +272,7 @@ def test_written_files_are_readable_as_the_umask_allows(tmp_path, weights_dir, c
 
 # ------------------------------------------------------------------------- kernels
 ACCEPTED_KERNELS = {
-    "ssast_tiny": ("auto", "reference"),
+    "ssast_tiny": ("auto", "onednn", "reference"),
     "ssam_tiny": ("auto", "cuda", "cpu", "reference"),
     "axlstm_tiny": ("auto", "cpu", "fused", "reference"),
 }
@@ -307,7 +307,7 @@ def test_pretrain_with_a_bogus_kernel_fails_before_training(tmp_path):
                str(REPO / "examples"), "--out", str(out), "--kernel", "bogus", "--steps", "2", "--batch-size", "2"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 2, done.stderr
-    assert "kernel must be one of ('auto', 'reference') for SSAST" in done.stderr and "bogus" in done.stderr
+    assert "kernel must be one of ('auto', 'onednn', 'reference') for SSAST" in done.stderr and "bogus" in done.stderr
     assert not (out / "checkpoint.pt").exists()
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from .encoder import MASKING_MODES, PatchEmbed, masked_patch_infonce, sincos_2d_position_table
 from .registry import register_family, register_model
-from .transformer import TransformerBlock, TransformerConfig, check_kernel
+from .transformer import TransformerBlock, TransformerConfig, check_kernel, set_kernel
 
 GELUS = {"tanh": "tanh", "exact": "none"}  # config value -> torch's `approximate`
 
@@ -220,9 +220,10 @@ def visible_and_restore_index(mask: torch.Tensor, num_patches: int) -> tuple[tor
 
 
 def build_mwmae(config: MWMAEConfig, kernel: str = "auto") -> MWMAEEncoder:
-    """`kernel`: as SSAST's ("auto" | "reference", one attention path)."""
+    """`kernel`: as SSAST's (`hear_msm.models.transformer.KERNELS`, the same blocks)."""
     check_kernel(kernel)
     encoder = MWMAEEncoder(config)
+    set_kernel(encoder, kernel)
     encoder.reset_parameters()
     return encoder
 
@@ -314,7 +315,8 @@ class MultiWindowBlock(TransformerBlock):
         block_config = TransformerConfig(arch="mwmae_decoder", embed_dim=config.embed_dim, depth=config.depth,
                                          num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
                                          norm_eps=config.norm_eps)
-        super().__init__(block_config, GELUS[config.gelu])
+        # the oneDNN block path is written for `Attention` (training-only decoder: reference always)
+        super().__init__(block_config, GELUS[config.gelu], kernel="reference")
         self.attn = MultiWindowAttention(config.embed_dim, config.num_heads, config.window_sizes)
 
 

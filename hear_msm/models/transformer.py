@@ -6,6 +6,7 @@ xLSTM (AxLSTM): a pre-norm ViT over 4x16 log-mel patches, MLP ratio 4, exact GEL
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,19 @@ class Attention(nn.Module):
         self.proj_layer = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, length, dim = x.shape
-        qkv = self.qkv_layer(x).view(b, length, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, head_dim]
-        # the fused kernel computes softmax(q k^T / sqrt(head_dim)) v, as the authors' explicit form
+        return self.proj_layer(self.attend(self.qkv_layer(x)))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Projected [B, L, 3D] (q, k, v, each heads x head_dim) -> attention output [B, L, D] before proj."""
+        b, length, three_dim = qkv.shape
+        dim = three_dim // 3
+        q, k, v = qkv.view(b, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        # q, k, v are strided views [B, heads, L, head_dim] of qkv: the CPU flash kernel reads them
+        # without a copy, and its output [B, heads, L, head_dim] is laid out [B, L, heads, head_dim], so
+        # the head merge below is a view. It computes softmax(q k^T / sqrt(head_dim)) v, as the
+        # authors' explicit form.
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj_layer(out.transpose(1, 2).reshape(b, length, dim))
+        return out.transpose(1, 2).reshape(b, length, dim)
 
 
 class Mlp(nn.Module):
@@ -63,17 +71,43 @@ class Mlp(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm ViT block: x + attn(norm1(x)), then + mlp(norm2(.))."""
 
-    def __init__(self, config: TransformerConfig, gelu_approximate: str = "none"):
+    def __init__(self, config: TransformerConfig, gelu_approximate: str = "none", kernel: str = "auto"):
         super().__init__()
         dim = config.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
         self.attn = Attention(dim, config.num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
         self.mlp = Mlp(dim, int(dim * config.mlp_ratio), gelu_approximate)
+        self.kernel = check_kernel(kernel)  # runtime choice, not saved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if resolve(self.kernel, x, needs_grad=torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters()))) == "onednn":
+            return self.forward_onednn(x)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
+        """The same block with oneDNN epilogues (inference on CPU, float32): [B, L, D] -> [B, L, D].
+
+        The qkv, proj and first MLP Linear run as oneDNN inner products whose bias add, residual add
+        (proj) and exact GELU (layer1) are applied to the accumulator before it is stored, instead of
+        ATen's bias broadcast copy, a separate add pass and a separate GELU pass. layer2 (K = 4D)
+        stays ATen's (see ONEDNN_MAX_WIDTH), with the residual added in place. At D <= 192 every
+        result rounded as the reference's on the AMD EPYC measured; tests/test_transformer_fused.py holds
+        it to the float64-anchored bound on any CPU.
+        """
+        linear = torch.ops.mkldnn._linear_pointwise
+        attn, mlp = self.attn, self.mlp
+        qkv = linear(self.norm1(x), attn.qkv_layer.weight, attn.qkv_layer.bias, "none", [], "")
+        x = linear.binary(attn.attend(qkv), x, attn.proj_layer.weight, attn.proj_layer.bias, "add")
+        hidden = self.norm2(x)
+        if mlp.gelu_approximate == "none":
+            hidden = linear(hidden, mlp.layer1.weight, mlp.layer1.bias, "gelu", [], "none")
+        else:  # oneDNN's tanh form rounds differently from ATen's (measured), so ATen's runs after it
+            hidden = F.gelu(linear(hidden, mlp.layer1.weight, mlp.layer1.bias, "none", [], ""),
+                            approximate=mlp.gelu_approximate)
+        return mlp.layer2(hidden).add_(x)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -85,22 +119,75 @@ class TransformerBlock(nn.Module):
             nn.init.zeros_(norm.bias)
 
 
-# attention has one implementation, torch's scaled_dot_product_attention: "reference" names it as
-# well, so that code asking every family for its plain-PyTorch path works on SSAST too
-KERNELS = ("auto", "reference")
+# "reference": the plain PyTorch block (nn.Linear, F.gelu, adds), also every path with gradients;
+# "onednn": `TransformerBlock.forward_onednn`, inference only; "auto": onednn where it can run
+# (CPU, float32, no gradients, PyTorch built with oneDNN) and is as accurate, else the reference.
+KERNELS = ("auto", "onednn", "reference")
+
+# Up to K = in_features = 192 (SSAST-tiny, MW-MAE-tiny) oneDNN's Linear and ATen's gave identical
+# bits; from K = 256 on, oneDNN measured 1.2-1.4x ATen's rms error against float64 (as if it summed
+# all K products in one chain where ATen's GEMM sums blocks of K; benchmarks/README.md, note 17),
+# so `auto` keeps wider models on the reference.
+ONEDNN_MAX_WIDTH = 192
 
 
 def check_kernel(kernel: str) -> str:
-    """The one check of a kernel value for SSAST, called by the builder."""
+    """The one check of a kernel value for SSAST, called by the builder, blocks and `set_kernel`."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS} for SSAST (Transformer) models, got {kernel!r}")
     return kernel
 
 
-def build_transformer(config: TransformerConfig, kernel: str = "auto") -> MaskedSpectrogramModel:
-    """`kernel`: one of KERNELS; both run the same attention."""
+@functools.cache
+def onednn_available() -> bool:
+    """PyTorch's oneDNN Linear with fused epilogues (`torch.ops.mkldnn._linear_pointwise`) exists here."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise.binary
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def resolve(kernel: str, x: torch.Tensor, needs_grad: bool) -> str:
+    """The one dispatch decision of the block for input x [B, L, D]: "onednn" or "reference".
+
+    `auto` takes onednn for float32 CPU tensors without gradients or autocast when PyTorch has
+    oneDNN and D <= ONEDNN_MAX_WIDTH, outside torch.compile; `onednn` demands it at any width (ValueError saying why it
+    cannot run); `reference` never takes it.
+    """
     check_kernel(kernel)
-    model = MaskedSpectrogramModel(config, lambda index: TransformerBlock(config))
+    # under torch.compile the plain block is traced: inductor fuses the epilogues itself
+    if kernel == "reference" or (kernel == "auto" and torch.compiler.is_compiling()):
+        return "reference"
+    why_not = ("gradients are needed (it is an inference path)" if needs_grad else
+               f"the input is {x.dtype} on {x.device.type} (it runs float32 on CPU)"
+               if x.device.type != "cpu" or x.dtype != torch.float32 else
+               # autocast would not see the oneDNN op, so its Linears would silently stay float32
+               "CPU autocast is on" if torch.is_autocast_enabled("cpu") else
+               "this PyTorch has no oneDNN Linear with fused epilogues" if not onednn_available() else
+               "oneDNN is switched off (torch.backends.mkldnn.flags(enabled=False))"
+               if not torch._C._get_mkldnn_enabled() else "")
+    if kernel == "onednn" and why_not:
+        raise ValueError(f"kernel='onednn' cannot run: {why_not}; use kernel='auto' or 'reference'")
+    if why_not or (kernel == "auto" and x.shape[-1] > ONEDNN_MAX_WIDTH):
+        return "reference"
+    return "onednn"
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    """Switch every Transformer block in `model` to another implementation (runtime setting)."""
+    check_kernel(kernel)
+    for module in model.modules():
+        if isinstance(module, TransformerBlock) and type(module.attn) is Attention:  # not MW-MAE's windowed
+            module.kernel = kernel
+
+
+def build_transformer(config: TransformerConfig, kernel: str = "auto") -> MaskedSpectrogramModel:
+    """`kernel`: one of KERNELS (the same function, see `resolve`)."""
+    check_kernel(kernel)
+    model = MaskedSpectrogramModel(config, lambda index: TransformerBlock(config, kernel=kernel))
     model.reset_shared_parameters()
     for block in model.blocks:
         block.reset_parameters()
