@@ -125,6 +125,18 @@ def mlstm_layer_forward(layer: nn.Module, x: torch.Tensor, state: tuple | None =
     return (out, (conv_state, cell_state)) if carry else out
 
 
+def fused_layer_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """xlstm's `mLSTMLayer.forward` [B, L, D] -> [B, L, D] for CPU inference (float32, no autograd):
+    its two projections as PyTorch matmuls, everything between them in `mlstm_ops.mlstm_layer_cpu`."""
+    cell = layer.mlstm_cell
+    h = mlstm_ops.mlstm_layer_cpu(
+        layer.proj_up(x), layer.conv1d.conv.weight, layer.conv1d.conv.bias,
+        layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight,
+        torch.cat([cell.igate.weight, cell.fgate.weight]), torch.cat([cell.igate.bias, cell.fgate.bias]),
+        cell.outnorm.weight_proxy, layer.learnable_skip, cell.config.num_heads, cell.outnorm.eps)
+    return layer.proj_down(h)
+
+
 def check_kernel(kernel: str) -> str:
     """The one check of a kernel value for AxLSTM: the builder and `set_mlstm_kernel` call it."""
     if kernel not in MLSTM_KERNELS:
@@ -192,7 +204,14 @@ class XLSTMBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         fits = x.shape[1] <= self.layer.mlstm_cell.causal_mask.shape[0]  # xlstm's parallel form needs that
-        layer = self.layer if self.form == "parallel" and fits else (lambda t: mlstm_layer_forward(self.layer, t))
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.layer.proj_up.weight.requires_grad)
+        path = mlstm_ops.resolve(self.layer.mlstm_cell.backend_fn.kernel, x.is_cuda, needs_grad)
+        if path == "fused" and self.form == "parallel" and fits and x.dtype == torch.float32:
+            layer = lambda t: fused_layer_forward(self.layer, t)  # noqa: E731
+        elif self.form == "parallel" and fits:
+            layer = self.layer
+        else:
+            layer = lambda t: mlstm_layer_forward(self.layer, t)  # noqa: E731
         if self.reverse:
             return x + layer(h.flip(1)).flip(1)
         return x + layer(h)

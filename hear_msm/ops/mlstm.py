@@ -61,7 +61,15 @@ def _declare(library: ctypes.CDLL) -> None:
         [ctypes.c_long] * 2
     library.hear_msm_mlstm_log_weights_parallel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
     library.hear_msm_mlstm_weigh_parallel.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
-    for name in ("gates", "log_weights", "weigh"):
+    library.hear_msm_mlstm_layer_in.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_long] * 5 + [ctypes.c_float] + \
+        [ctypes.c_long] * 2
+    library.hear_msm_mlstm_layer_in_parallel.argtypes = library.hear_msm_mlstm_layer_in.argtypes
+    library.hear_msm_mlstm_forget_cumsum.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4
+    library.hear_msm_mlstm_forget_cumsum_parallel.argtypes = library.hear_msm_mlstm_forget_cumsum.argtypes
+    library.hear_msm_mlstm_layer_out.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 + [ctypes.c_float] + \
+        [ctypes.c_long] * 2
+    library.hear_msm_mlstm_layer_out_parallel.argtypes = library.hear_msm_mlstm_layer_out.argtypes
+    for name in ("gates", "log_weights", "weigh", "layer_in", "forget_cumsum", "layer_out"):
         getattr(library, f"hear_msm_mlstm_{name}").restype = None
         getattr(library, f"hear_msm_mlstm_{name}_parallel").restype = None
 
@@ -96,7 +104,7 @@ def resolve(kernel: str, tensor_is_cuda: bool, needs_grad: bool, kernel_loader=N
     if kernel != "auto" and not available:
         raise ValueError(f"kernel={kernel!r} needs a C compiler (cc/gcc) to build the CPU mLSTM kernel on "
                          "first use; use kernel='auto' or 'reference'")
-    return ("cpu" if kernel == "auto" else kernel) if available else "reference"
+    return ("fused" if kernel == "auto" else kernel) if available else "reference"
 
 
 def mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact, eps: float = 1e-6,
@@ -148,6 +156,66 @@ def mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact, eps: f
         for clip in range(batch):
             torch.bmm(scores[clip], values[clip], out=hidden[clip].transpose(0, 1))
         return hidden.transpose(1, 2)
+
+
+def mlstm_layer_cpu(up: torch.Tensor, conv_weight, conv_bias, q_weight, k_weight, v_weight, gate_weight, gate_bias,
+                    norm_weight, skip, num_heads: int, norm_eps: float, eps: float = 1e-6) -> torch.Tensor:
+    """xlstm's `mLSTMLayer` between `proj_up` and `proj_down`, fused for CPU inference; no autograd.
+
+    up [B, L, 2 D]: proj_up's output (x_mlstm, then z); conv_weight [D, 1, K], conv_bias [D] or
+    None: the causal depthwise conv; q/k/v_weight [D / bs, bs, bs]: the block-diagonal projections
+    (xlstm's `LinearHeadwiseExpand`, no bias); gate_weight [2 NH, 3 D], gate_bias [2 NH]: input
+    then forget gate of the cell; norm_weight [D]: the head norm's scale (1 + weight); skip [D]: the
+    learnable skip. Returns h [B, L, D], the input of proj_down:
+
+        act = silu(conv(x_mlstm)); h = (headnorm(cell(q(act), k(act), v(x_mlstm))) + skip * act) * silu(z)
+
+    Three C passes (`hear_msm_mlstm_layer_in`, `_forget_cumsum`, `_layer_out`) around the fused
+    cell (`mlstm_parallel_cpu(exact=False)`'s gate pass between its two per-clip matmuls), instead
+    of ~20 PyTorch ops and their intermediate tensors. Float32 with our exp and sum orders; its
+    error against a float64 run of xlstm's layer is tested on the whole model.
+    """
+    library = load_library()
+    if library is None:
+        raise RuntimeError("the compiled CPU mLSTM kernel is not available")
+    batch, length, two_d = up.shape
+    dim = two_d // 2
+    blocks, block_size, _ = q_weight.shape
+    kernel_size = conv_weight.shape[-1]
+    head_dim = dim // num_heads
+    with torch.no_grad():
+        up = up.contiguous()
+        # weights in the layouts the C passes read (a few KB: rearranged per call)
+        conv_t = conv_weight.reshape(dim, kernel_size).t().contiguous()  # [K, D]
+        by_input = [w.permute(2, 0, 1).reshape(block_size, dim).contiguous() for w in (q_weight, k_weight, v_weight)]
+        gate_weight, gate_bias = gate_weight.contiguous(), gate_bias.contiguous()
+        act, q, k, v = (up.new_empty(batch, length, dim) for _ in range(4))
+        gates = up.new_empty(batch * length, 2 * num_heads)
+        tokens = batch * length
+        _run(library.hear_msm_mlstm_layer_in, tokens, length, up.data_ptr(), conv_t.data_ptr(),
+             None if conv_bias is None else conv_bias.contiguous().data_ptr(),
+             *(w.data_ptr() for w in by_input), gate_weight.data_ptr(), gate_bias.data_ptr(),
+             act.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), gates.data_ptr(),
+             length, dim, kernel_size, block_size, 2 * num_heads, 1.0 / math.sqrt(head_dim))
+        count = batch * num_heads
+        igate = up.new_empty(count, length)
+        fcum = up.new_empty(count, length + 1)
+        _run(library.hear_msm_mlstm_forget_cumsum, count, length, gates.data_ptr(), igate.data_ptr(),
+             fcum.data_ptr(), length, num_heads)
+        heads = [t.view(batch, length, num_heads, head_dim).transpose(1, 2) for t in (q, k, v)]
+        scores = up.new_empty(batch, num_heads, length, length)
+        for clip in range(batch):
+            torch.bmm(heads[0][clip], heads[1][clip].transpose(-2, -1), out=scores[clip])
+        _run(library.hear_msm_mlstm_gates, count, length, scores.data_ptr(), fcum.data_ptr(), igate.data_ptr(),
+             length, eps)
+        hidden = up.new_empty(batch, length, num_heads, head_dim)
+        for clip in range(batch):
+            torch.bmm(scores[clip], heads[2][clip], out=hidden[clip].transpose(0, 1))
+        out = up.new_empty(batch, length, dim)
+        _run(library.hear_msm_mlstm_layer_out, tokens, length, hidden.data_ptr(), up.data_ptr(), act.data_ptr(),
+             norm_weight.contiguous().data_ptr(), skip.contiguous().data_ptr(), out.data_ptr(), dim, num_heads,
+             norm_eps)
+        return out
 
 
 def headwise_projection(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
