@@ -61,6 +61,9 @@ def _declare(library: ctypes.CDLL) -> None:
         [ctypes.c_long] * 2
     library.hear_msm_mlstm_log_weights_parallel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
     library.hear_msm_mlstm_weigh_parallel.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
+    library.hear_msm_mlstm_gates_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4 + [ctypes.c_float] + \
+        [ctypes.c_long] * 2
+    library.hear_msm_mlstm_gates_rows_parallel.argtypes = library.hear_msm_mlstm_gates_rows.argtypes
     library.hear_msm_mlstm_layer_in.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_long] * 5 + [ctypes.c_float] + \
         [ctypes.c_long] * 2
     library.hear_msm_mlstm_layer_in_parallel.argtypes = library.hear_msm_mlstm_layer_in.argtypes
@@ -69,7 +72,7 @@ def _declare(library: ctypes.CDLL) -> None:
     library.hear_msm_mlstm_layer_out.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 + [ctypes.c_float] + \
         [ctypes.c_long] * 2
     library.hear_msm_mlstm_layer_out_parallel.argtypes = library.hear_msm_mlstm_layer_out.argtypes
-    for name in ("gates", "log_weights", "weigh", "layer_in", "forget_cumsum", "layer_out"):
+    for name in ("gates", "log_weights", "weigh", "gates_rows", "layer_in", "forget_cumsum", "layer_out"):
         getattr(library, f"hear_msm_mlstm_{name}").restype = None
         getattr(library, f"hear_msm_mlstm_{name}_parallel").restype = None
 
@@ -159,7 +162,8 @@ def mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact, eps: f
 
 
 def mlstm_layer_cpu(up: torch.Tensor, conv_weight, conv_bias, q_weight, k_weight, v_weight, gate_weight, gate_bias,
-                    norm_weight, skip, num_heads: int, norm_eps: float, eps: float = 1e-6) -> torch.Tensor:
+                    norm_weight, skip, num_heads: int, norm_eps: float, eps: float = 1e-6,
+                    row_blocks: int = 3) -> torch.Tensor:
     """xlstm's `mLSTMLayer` between `proj_up` and `proj_down`, fused for CPU inference; no autograd.
 
     up [B, L, 2 D]: proj_up's output (x_mlstm, then z); conv_weight [D, 1, K], conv_bias [D] or
@@ -203,14 +207,20 @@ def mlstm_layer_cpu(up: torch.Tensor, conv_weight, conv_bias, q_weight, k_weight
         _run(library.hear_msm_mlstm_forget_cumsum, count, length, gates.data_ptr(), igate.data_ptr(),
              fcum.data_ptr(), length, num_heads)
         heads = [t.view(batch, length, num_heads, head_dim).transpose(1, 2) for t in (q, k, v)]
-        scores = up.new_empty(batch, num_heads, length, length)
-        for clip in range(batch):
-            torch.bmm(heads[0][clip], heads[1][clip].transpose(-2, -1), out=scores[clip])
-        _run(library.hear_msm_mlstm_gates, count, length, scores.data_ptr(), fcum.data_ptr(), igate.data_ptr(),
-             length, eps)
         hidden = up.new_empty(batch, length, num_heads, head_dim)
-        for clip in range(batch):
-            torch.bmm(scores[clip], heads[2][clip], out=hidden[clip].transpose(0, 1))
+        # the gate matrix in row blocks, each against the columns up to its last row only: the
+        # matmuls skip most of the zero triangle above the diagonal
+        bounds = [length * b // row_blocks for b in range(row_blocks + 1)]
+        for row0, row1 in zip(bounds[:-1], bounds[1:]):
+            if row1 == row0:
+                continue
+            scores = up.new_empty(batch, num_heads, row1 - row0, row1)
+            for clip in range(batch):
+                torch.bmm(heads[0][clip, :, row0:row1], heads[1][clip, :, :row1].transpose(-2, -1), out=scores[clip])
+            _run(library.hear_msm_mlstm_gates_rows, count, length, scores.data_ptr(), fcum.data_ptr(),
+                 igate.data_ptr(), length, row0, row1 - row0, row1, eps)
+            for clip in range(batch):
+                torch.bmm(scores[clip], heads[2][clip, :, :row1], out=hidden[clip, row0:row1].transpose(0, 1))
         out = up.new_empty(batch, length, dim)
         _run(library.hear_msm_mlstm_layer_out, tokens, length, hidden.data_ptr(), up.data_ptr(), act.data_ptr(),
              norm_weight.contiguous().data_ptr(), skip.contiguous().data_ptr(), out.data_ptr(), dim, num_heads,

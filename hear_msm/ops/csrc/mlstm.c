@@ -100,17 +100,20 @@ void hear_msm_mlstm_weigh(float *restrict qk, const float *restrict weights, lon
         }
 }
 
-/* qk: [bh, S, S] = Q K^T / sqrt(d) per head, overwritten with the normalised gate-weighted
-   matrix; fcum: [bh, S + 1] (leading 0, then the cumulative log forget gates); igate: [bh, S].
+/* The fused gate pass of rows [row0, row0 + rows) of the S x S gate matrix: qk [bh, rows, width]
+   holds Q K^T / sqrt(d) of those rows against columns 0..width-1 (width >= row0 + rows: every
+   causal column; a row block of the matrix, so that the matmuls can skip the zero triangle);
+   overwritten with the normalised gate-weighted rows, zero right of the diagonal.
+   fcum: [bh, S + 1] (leading 0, then the cumulative log forget gates); igate: [bh, S].
    Heads [h_begin, h_end) only, so that threads can split the heads. */
-void hear_msm_mlstm_gates(float *restrict qk, const float *restrict fcum, const float *restrict igate,
-                          long S, float eps, long h_begin, long h_end) {
+void hear_msm_mlstm_gates_rows(float *restrict qk, const float *restrict fcum, const float *restrict igate,
+                               long S, long row0, long rows, long width, float eps, long h_begin, long h_end) {
     float logd[S + LANES];
     for (long h = h_begin; h < h_end; ++h) {
         const float *restrict f = fcum + h * (S + 1) + 1; /* f[j] = F[j + 1] */
         const float *restrict g = igate + h * S;
-        for (long i = 0; i < S; ++i) {
-            float *restrict row = qk + (h * S + i) * S;
+        for (long i = row0; i < row0 + rows; ++i) {
+            float *restrict row = qk + (h * rows + i - row0) * width;
             const float fi = f[i];
             const long n = i + 1; /* causal: columns 0..i */
             const long body = n - n % LANES;
@@ -135,16 +138,23 @@ void hear_msm_mlstm_gates(float *restrict qk, const float *restrict fcum, const 
                 row[j] = c;
                 lane_sum[0] += c;
             }
-            for (int width = LANES / 2; width > 0; width /= 2)
-                for (int l = 0; l < width; ++l) lane_sum[l] += lane_sum[l + width];
+            for (int width_ = LANES / 2; width_ > 0; width_ /= 2)
+                for (int l = 0; l < width_; ++l) lane_sum[l] += lane_sum[l + width_];
             /* pass 3: normalise (a true division, as PyTorch does) and zero the future */
             const float floor_ = expf(-m);
             const float total = fabsf(lane_sum[0]);
             const float denominator = (total > floor_ ? total : floor_) + eps;
             for (long j = 0; j < n; ++j) row[j] = row[j] / denominator;
-            for (long j = n; j < S; ++j) row[j] = 0.0f;
+            for (long j = n; j < width; ++j) row[j] = 0.0f;
         }
     }
+}
+
+/* qk: [bh, S, S] = Q K^T / sqrt(d) per head, overwritten with the normalised gate-weighted
+   matrix (all rows of `hear_msm_mlstm_gates_rows`). */
+void hear_msm_mlstm_gates(float *restrict qk, const float *restrict fcum, const float *restrict igate,
+                          long S, float eps, long h_begin, long h_end) {
+    hear_msm_mlstm_gates_rows(qk, fcum, igate, S, 0, S, S, eps, h_begin, h_end);
 }
 
 /* The three entry points over all heads [0, count), split over `threads` OpenMP threads (PyTorch's
@@ -166,6 +176,14 @@ void hear_msm_mlstm_weigh_parallel(float *qk, const float *weights, long S, long
     OVER_HEADS
     for (long t = 0; t < threads; ++t)
         hear_msm_mlstm_weigh(qk, weights, S, count * t / threads, count * (t + 1) / threads);
+}
+
+void hear_msm_mlstm_gates_rows_parallel(float *qk, const float *fcum, const float *igate, long S, long row0,
+                                        long rows, long width, float eps, long count, long threads) {
+    OVER_HEADS
+    for (long t = 0; t < threads; ++t)
+        hear_msm_mlstm_gates_rows(qk, fcum, igate, S, row0, rows, width, eps, count * t / threads,
+                                  count * (t + 1) / threads);
 }
 
 void hear_msm_mlstm_gates_parallel(float *qk, const float *fcum, const float *igate, long S, float eps,
