@@ -222,8 +222,6 @@ static inline float exp_any(float x) {
     return x < -87.0f ? 0.0f : (x > 88.7f ? INFINITY : e);
 }
 
-static inline float silu(float x) { return x / (1.0f + exp_any(-x)); }
-
 static inline float vsum(vfloat v) {
     for (int width = LANES / 2; width > 0; width /= 2)
         for (int l = 0; l < width; ++l) v[l] += v[l + width];
@@ -282,7 +280,8 @@ void hear_msm_mlstm_layer_in(const float *restrict up, const float *restrict con
             const float *restrict w = conv_w_t + j * D;
             for (long c = 0; c < D; ++c) a[c] = MULADD(w[c], x[c], a[c]);
         }
-        for (long c = 0; c < D; ++c) a[c] = silu(a[c]);
+        /* silu with the sum and division in double, rounded once */
+        for (long c = 0; c < D; ++c) a[c] = (float)((double)a[c] / (1.0 + (double)exp_any(-a[c])));
         float *restrict qn = q + n * D, *restrict kn = k + n * D, *restrict vn = v + n * D;
         blockdiag(qn, a, wq_t, D, bs, 1.0f);
         blockdiag(k_raw, a, wk_t, D, bs, 1.0f);
@@ -340,32 +339,27 @@ void hear_msm_mlstm_layer_out(const float *restrict h, const float *restrict up,
         for (long head = 0; head < NH; ++head) {
             const long c0 = head * DH;
             const float *restrict x = h + n * D + c0;
-            float mean, var;
-            if (DH % LANES == 0) {
-                vfloat acc = vsplat(0.0f);
-                for (long c = 0; c < DH; c += LANES) acc += vload(x + c);
-                mean = vsum(acc) / (float)DH;
-                const vfloat m = vsplat(mean);
-                acc = vsplat(0.0f);
-                for (long c = 0; c < DH; c += LANES) {
-                    const vfloat d = vload(x + c) - m;
-                    acc += d * d;
-                }
-                var = vsum(acc) / (float)DH;
-            } else {
-                mean = 0.0f;
-                for (long c = 0; c < DH; ++c) mean += x[c];
-                mean /= (float)DH;
-                var = 0.0f;
-                for (long c = 0; c < DH; ++c) var += (x[c] - mean) * (x[c] - mean);
-                var /= (float)DH;
-            }
-            const float rstd = 1.0f / sqrtf(var + eps);
+            /* mean and variance in double, in 8 lanes (two passes: no cancellation) */
+            double lane[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+            const long body = DH - DH % 8;
+            for (long c = 0; c < body; c += 8)
+                for (int l = 0; l < 8; ++l) lane[l] += x[c + l];
+            for (long c = body; c < DH; ++c) lane[0] += x[c];
+            const double mean64 = (((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]))) / (double)DH;
+            for (int l = 0; l < 8; ++l) lane[l] = 0.0;
+            for (long c = 0; c < body; c += 8)
+                for (int l = 0; l < 8; ++l) lane[l] += (x[c + l] - mean64) * (x[c + l] - mean64);
+            for (long c = body; c < DH; ++c) lane[0] += (x[c] - mean64) * (x[c] - mean64);
+            const double var64 = (((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]))) / (double)DH;
+            /* the rest in double too, rounded once at the end (the sigmoid's e^-z is float) */
+            const double rstd = 1.0 / sqrt(var64 + (double)eps);
             float *restrict o = out + n * D + c0;
             const float *restrict a = act + n * D + c0, *restrict w = norm_w + c0, *restrict s = skip + c0;
             const float *restrict zz = z + c0;
-            for (long c = 0; c < DH; ++c)
-                o[c] = (((x[c] - mean) * rstd) * w[c] + s[c] * a[c]) * silu(zz[c]);
+            for (long c = 0; c < DH; ++c) {
+                const double normed = ((double)x[c] - mean64) * rstd * (double)w[c] + (double)s[c] * (double)a[c];
+                o[c] = (float)(normed * (double)zz[c] / (1.0 + (double)exp_any(-zz[c])));
+            }
         }
     }
 }
