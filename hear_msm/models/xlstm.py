@@ -16,10 +16,12 @@ the same function in time and memory linear in S: exact attention inside blocks 
 carried matrix memory (C, n, m) between them. Its stabiliser m equals the parallel form's
 row-wise maximum, so the two agree to float rounding (tests/test_speed_paths.py).
 
-On CPU without gradients the parallel form's gate-matrix work runs in a small compiled kernel
-(`hear_msm.ops.mlstm`, `kernel="auto"`, see `set_mlstm_kernel`): the same operations as xlstm's
-PyTorch form, as accurate against a float64 run (tests/test_speed_paths.py); its speed is measured
-in benchmarks/.
+On CPU without gradients (`kernel="auto"`, see `set_mlstm_kernel`) each layer runs fused instead:
+xlstm's two projections as PyTorch matmuls, everything between them in compiled C passes around
+the cell's matmuls (`hear_msm.ops.mlstm.mlstm_layer_cpu`). It rounds differently from xlstm's
+op-by-op form but is at least as close to a float64 run of it, on the whole model
+(tests/test_mlstm_fused.py); `kernel="reference"` keeps xlstm's own forward, and training always
+uses it. Its speed is measured in benchmarks/.
 """
 from __future__ import annotations
 
@@ -234,10 +236,10 @@ MLSTM_FORMS = ("parallel", "blockwise")
 def set_mlstm_form(model: nn.Module, form: str) -> None:
     """Runtime choice for sequences of up to 251 tokens (longer ones always run blockwise).
 
-    "parallel" (default): xlstm's own layer forward, bit-identical to the authors' models.
-    "blockwise": `mlstm_layer_forward`, 1.2-1.4x faster on CPU; the same function, but float32
-    rounding differs by up to ~3e-5 relative (it is the closer of the two to a float64 run:
-    benchmarks/README.md), so it is opt-in.
+    "parallel" (default): the parallel form, run by the fused layer (`fused_layer_forward`) for CPU
+        inference and by xlstm's own layer forward otherwise (see `set_mlstm_kernel`).
+    "blockwise": `mlstm_layer_forward` (PyTorch ops, blockwise cell); the same function, as close
+        to a float64 run, slower than the fused layer on CPU.
     """
     if form not in MLSTM_FORMS:
         raise ValueError(f"form must be one of {MLSTM_FORMS}, got {form!r}")
@@ -247,14 +249,14 @@ def set_mlstm_form(model: nn.Module, form: str) -> None:
 
 
 def set_mlstm_kernel(model: nn.Module, kernel: str) -> None:
-    """Runtime choice for the parallel form's gate-matrix work (2 s chunks; longer sequences run
-    `mlstm_blockwise`):
+    """Runtime choice for the mLSTM layers (2 s chunks; longer sequences run `mlstm_blockwise`):
 
-    "auto" (default): the compiled CPU kernel for inference on CPU, bit-identical to xlstm's
-        PyTorch form (which runs otherwise: with gradients, on GPU, or without a C compiler);
-    "cpu": demand that kernel (error with gradients or when it cannot be built);
-    "fused": opt-in, everything between the two matmuls in one C pass, ~10% faster per cell
-        but our exp and sum order (~1e-7 relative per cell, up to ~2e-5 on a whole model);
+    "auto" (default): the fused layer (`fused_layer_forward`) for float32 inference on CPU, at least
+        as close to a float64 run as xlstm's float32 form on the whole model (tests/test_mlstm_fused.py);
+        xlstm's PyTorch form otherwise (with gradients, on GPU, or without a C compiler);
+    "fused": demand the fused layer (error with gradients or when it cannot be built);
+    "cpu": xlstm's layer forward around the exact compiled cell, bit-identical to xlstm's float32
+        form on most CPUs (the default before the fused layer; same errors as "fused");
     "reference": always xlstm's PyTorch form.
     """
     check_kernel(kernel)

@@ -1,4 +1,4 @@
-"""A compiled mLSTM cell (parallel form) for CPU inference, built on first use with the system C compiler.
+"""A compiled mLSTM layer and cell (parallel form) for CPU inference, built on first use with the system C compiler.
 
 Why: xlstm's `parallel_stabilized_simple` builds the S x S gate matrix of every head in ~10
 separate PyTorch passes (repeat, subtract a transposed copy, mask, add the input gates, row max,
@@ -13,16 +13,21 @@ more than half of AxLSTM-tiny's CPU time (benchmarks/README.md, note 12). The fu
 QK^T and out @ V stay PyTorch matmuls (oneDNN/MKL beat anything this small C file could do),
 made by exactly xlstm's calls, and F by the same torch ops.
 
-Default (exact) path, bit-identical to xlstm's float32 result: C writes the stabilised log
-weights of the causal triangle, packed, and weighs QK^T in place; exp, the row sum, normaliser
-and division stay PyTorch ops on xlstm's shapes. Why not fuse those too: the official fixtures'
-random checkpoint amplifies any rounding change ~200x (a correctly rounded exp alone moves its
-outputs by 1.6e-4 > the 1e-4 test limit), so only exact rewrites are safe as the default.
-Opt-in fused path (`exact=False`): everything between the matmuls in three passes over a row
-that stays in L1 (our exp polynomial, a 16-lane row sum): ~1e-7 relative per cell, ~10% faster.
-The C is compiled WITHOUT -ffast-math and with -ffp-contract=off: its subtractions, adds,
-products and divisions must round exactly as PyTorch's elementwise ops do; the reductions are
-vectorised by hand (16 independent lanes; max is order-free, so still exact).
+Two paths. The default (`mlstm_layer_cpu`, kernel "auto" / "fused") fuses the whole layer between
+its two projections: conv + SiLU, the block-diagonal q/k/v projections and both gate projections
+in one pass per token, the gate matrix in one pass per row that stays in L1 (our exp polynomial,
+a 16-lane row sum), computed in row blocks whose matmuls skip most of the zero triangle, and
+head norm + skip + output gate in one pass per token (in double, rounded once). Its float32
+rounding differs from xlstm's, and its error against a float64 run is no larger than xlstm's
+own float32 form's on the whole model (tests/test_mlstm_fused.py).
+The exact path (`mlstm_parallel_cpu(exact=True)`, kernel "cpu", inside xlstm's own layer
+forward): bit-identical to xlstm's float32 cell. C writes the stabilised log weights of the
+causal triangle, packed, and weighs QK^T in place; exp, the row sum, normaliser and division stay
+PyTorch ops on xlstm's shapes. It was the default while parity meant "the same bits as the
+fixtures" (benchmarks/README.md, note 12).
+The C is compiled WITHOUT -ffast-math and with -ffp-contract=off: the exact path's subtractions,
+adds, products and divisions must round exactly as PyTorch's elementwise ops do; the reductions
+are vectorised by hand (16 independent lanes; max is order-free, so still exact).
 
 Same build scheme as `selective_scan` (cached under `$HEAR_MSM_CACHE`, default ~/.cache/hear_msm,
 keyed by a hash of source and flags; no compiler -> one warning and xlstm's PyTorch form).
@@ -87,10 +92,10 @@ KERNELS = ("auto", "cpu", "fused", "reference")
 
 
 def resolve(kernel: str, tensor_is_cuda: bool, needs_grad: bool, kernel_loader=None) -> str:
-    """The one dispatch decision of the mLSTM cell: "cpu" (compiled, exact), "fused" (compiled,
-    everything between the matmuls in C) or "reference" (xlstm's PyTorch parallel form).
+    """The one dispatch decision of the mLSTM layer: "fused" (the compiled layer, `mlstm_layer_cpu`),
+    "cpu" (xlstm's layer around the compiled exact cell) or "reference" (xlstm's PyTorch form).
 
-    `auto` takes "cpu" for CPU tensors when no gradient is needed and the kernel builds; `cpu` and
+    `auto` takes "fused" for CPU tensors when no gradient is needed and the kernel builds; `cpu` and
     `fused` demand the kernel (ValueError on CUDA tensors, with gradients, or when it cannot be
     built); `reference` never takes it. The compiled kernel is forward-only.
     """
