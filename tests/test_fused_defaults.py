@@ -1,5 +1,6 @@
-"""The fused mLSTM layer (`hear_msm.ops.mlstm.mlstm_layer_cpu`), AxLSTM's default for CPU inference
-since issue 15, against the path it replaced (xlstm's layer around the exact compiled cell,
+"""Fused CPU inference paths that became defaults in issue 15, each against the path it replaced.
+
+AxLSTM: the fused mLSTM layer (`hear_msm.ops.mlstm.mlstm_layer_cpu`) against the path it replaced (xlstm's layer around the exact compiled cell,
 `kernel="cpu"`, bit-identical to xlstm's float32 form) and against a float64 run of xlstm's form.
 
 The rule for a fast default: its float32 error against float64 is no larger than the replaced
@@ -8,7 +9,8 @@ amplified ~200x (benchmarks/README.md note 12), so the largest single error move
 any change of rounding anywhere (even xlstm's cell run in float64 does not lower it); the tests
 therefore compare the RMS error over all output tokens of real audio features, and print the
 largest errors beside it. The last test plants mistakes a port of the layer could make and shows
-that the bound catches them.
+that the bound catches them. SSAM: the mixer's causal conv + SiLU in one C pass
+(`hear_msm.ops.selective_scan.causal_conv_silu_cpu`) against PyTorch's conv and SiLU, the same way.
 """
 import copy
 import functools
@@ -23,11 +25,14 @@ from safetensors.torch import load_file
 
 import hear_msm
 from hear_msm._hear import HearModel
+from hear_msm.models.mamba import set_kernel
 from hear_msm.models.xlstm import fused_layer_forward, set_mlstm_kernel
 from hear_msm.ops import mlstm as mlstm_ops
+from hear_msm.ops import selective_scan as scan_ops
 
 pytestmark = [pytest.mark.numerics,
-              pytest.mark.skipif(mlstm_ops.load_library() is None, reason="no C compiler to build the CPU mLSTM kernel")]
+              pytest.mark.skipif(mlstm_ops.load_library() is None or scan_ops.load_library() is None,
+                                 reason="no C compiler to build the CPU kernels")]
 
 EMBEDDING_FLOOR = 1e-5  # as tests/test_parity_official.py: every real mistake moves embeddings by > 1e-2
 # On a random init nearly all of the whole-model error comes from parts both paths share (patch
@@ -42,11 +47,11 @@ def fixture():
     return audio, load_file(str(FIXTURES / "official_axlstm_tiny.safetensors"))
 
 
-def _model(checkpoint):
+def _model(checkpoint, arch="axlstm_tiny"):
     torch.manual_seed(0)
-    model = hear_msm.create_model("axlstm_tiny")
+    model = hear_msm.create_model(arch)
     if checkpoint == "official":
-        model.load_state_dict(random_official_state_dict("axlstm_tiny", seed=0), strict=True)
+        model.load_state_dict(random_official_state_dict(arch, seed=0), strict=True)
     return model.eval()
 
 
@@ -203,3 +208,69 @@ def test_the_bound_catches_a_wrong_layer(name, plant, fixture, monkeypatch):
     print(f"{name}: RMS error {wrong:.3g} = {wrong / bound:.3g} x the bound {bound:.3g}")
     assert wrong > 100 * bound
     assert math.isfinite(wrong)
+
+
+# ----------------------------------------------------------------------------- SSAM: conv + SiLU
+def _torch_conv_silu(x, weight, bias):
+    """The mixer's previous default: oneDNN's depthwise conv on a channel-first copy, then SiLU."""
+    length = x.shape[1]
+    conv = torch.nn.functional.conv1d(x.transpose(1, 2), weight, bias, padding=weight.shape[-1] - 1,
+                                      groups=weight.shape[0])
+    return torch.nn.functional.silu(conv[..., :length]).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("batch,length,inner,taps", [(1, 251, 576, 4), (3, 2, 64, 4), (2, 37, 100, 3)])
+def test_conv_silu_matches_pytorch(batch, length, inner, taps):
+    gen = torch.Generator().manual_seed(length)
+    both = 3 * torch.randn(batch, length, 2 * inner, generator=gen)
+    x = both[..., :inner]  # in_proj's output split in two: rows of 2 E floats
+    weight, bias = torch.randn(inner, 1, taps, generator=gen), torch.randn(inner, generator=gen)
+    ours = scan_ops.causal_conv_silu_cpu(x, weight, bias)
+    reference = _torch_conv_silu(x.double(), weight.double(), bias.double())
+    assert_float64_anchored(f"conv + SiLU {batch}x{length}x{inner}", ours, _torch_conv_silu(x, weight, bias), reference,
+                            floor=1e-6, error=relative_error)
+    assert ours.is_contiguous()
+
+
+def test_conv_silu_threads_split_tokens_exactly(monkeypatch):
+    x, weight, bias = torch.randn(3, 251, 576), torch.randn(576, 1, 4), torch.randn(576)
+    single = scan_ops.causal_conv_silu_cpu(x, weight, bias)
+    monkeypatch.setattr(scan_ops.torch, "get_num_threads", lambda: 5)
+    assert torch.equal(single, scan_ops.causal_conv_silu_cpu(x, weight, bias))
+
+
+def _ssam_errors(model, x, monkeypatch, conv=None):
+    """RMS error vs float64 (the reference scan, PyTorch conv) of the default path with `conv` as
+    its conv + SiLU (None: the compiled pass)."""
+    with torch.no_grad():
+        model64 = copy.deepcopy(model).double()
+        set_kernel(model64, "reference")
+        reference = model64.forward_features(x.double())
+        with monkeypatch.context() as patch:
+            if conv is not None:
+                patch.setattr(scan_ops, "causal_conv_silu_cpu", conv)
+            out = model.forward_features(x)
+    return _rms(out, reference), max_abs_error(out, reference)
+
+
+@pytest.mark.parametrize("checkpoint", ["official", "random"])
+def test_ssam_conv_silu_default_is_as_accurate_as_the_path_it_replaced(checkpoint, fixture, monkeypatch):
+    model, x = _model(checkpoint, "ssam_tiny"), _feature_chunks(fixture)
+    calls = []
+    compiled = scan_ops.causal_conv_silu_cpu
+    monkeypatch.setattr(scan_ops, "causal_conv_silu_cpu", lambda *a: calls.append(1) or compiled(*a))
+    (new, new_max), (old, old_max) = _ssam_errors(model, x, monkeypatch), _ssam_errors(model, x, monkeypatch, _torch_conv_silu)
+    assert len(calls) == len(model.blocks)  # the default ran the compiled pass in every block
+    print(f"ssam_tiny ({checkpoint} checkpoint), error vs float64, RMS / largest: new default (C conv + SiLU) "
+          f"{new:.4g} / {new_max:.3g}; old default (oneDNN conv, PyTorch SiLU) {old:.4g} / {old_max:.3g}")
+    assert new <= RMS_TIE * old
+    wrong, _ = _ssam_errors(model, x, monkeypatch, lambda u, w, b: compiled(u, w.flip(-1), b))
+    print(f"ssam_tiny conv taps reversed: RMS error {wrong:.3g} = {wrong / old:.3g} x the bound")
+    assert wrong > 100 * old
+
+
+def test_ssam_conv_silu_is_inference_only():
+    """With gradients the mixer keeps PyTorch's conv and SiLU (autograd differentiates them)."""
+    model = _model("random", "ssam_tiny")
+    model.forward_features(torch.randn(1, 1, 200, 80)).sum().backward()
+    assert model.blocks[0].mixer.conv1d.weight.grad is not None
