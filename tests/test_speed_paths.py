@@ -438,7 +438,7 @@ def test_cpu_mlstm_kernel_threads_split_heads_exactly(monkeypatch):
 @needs_mlstm_kernel
 def test_whole_axlstm_exact_cell_is_as_accurate_as_xlstm_and_gradients_use_xlstm(monkeypatch):
     """kernel="cpu": xlstm's layer around the exact compiled cell (the default before the fused layer,
-    tests/test_mlstm_fused.py)."""
+    tests/test_fused_defaults.py)."""
     torch.manual_seed(0)
     model = hear_msm.create_model("axlstm_tiny", kernel="cpu").eval()
     x = torch.randn(2, 1, 200, 80)
@@ -468,7 +468,7 @@ def test_whole_axlstm_exact_cell_is_as_accurate_as_xlstm_and_gradients_use_xlstm
 
 def test_cpu_mlstm_kernel_dispatch():
     present, absent = (lambda: object()), (lambda: None)
-    assert resolve_mlstm("auto", False, False, present) == "fused"  # the fused layer (tests/test_mlstm_fused.py)
+    assert resolve_mlstm("auto", False, False, present) == "fused"  # the fused layer (tests/test_fused_defaults.py)
     assert resolve_mlstm("auto", False, False, absent) == "reference"
     assert resolve_mlstm("auto", False, True, present) == "reference"  # gradients: xlstm's form
     assert resolve_mlstm("auto", True, False, present) == "reference"  # CUDA tensors: never

@@ -20,7 +20,7 @@ On CPU without gradients (`kernel="auto"`, see `set_mlstm_kernel`) each layer ru
 xlstm's two projections as PyTorch matmuls, everything between them in compiled C passes around
 the cell's matmuls (`hear_msm.ops.mlstm.mlstm_layer_cpu`). It rounds differently from xlstm's
 op-by-op form but is at least as close to a float64 run of it, on the whole model
-(tests/test_mlstm_fused.py); `kernel="reference"` keeps xlstm's own forward, and training always
+(tests/test_fused_defaults.py); `kernel="reference"` keeps xlstm's own forward, and training always
 uses it. Its speed is measured in benchmarks/.
 """
 from __future__ import annotations
@@ -252,11 +252,11 @@ def set_mlstm_kernel(model: nn.Module, kernel: str) -> None:
     """Runtime choice for the mLSTM layers (2 s chunks; longer sequences run `mlstm_blockwise`):
 
     "auto" (default): the fused layer (`fused_layer_forward`) for float32 inference on CPU, at least
-        as close to a float64 run as xlstm's float32 form on the whole model (tests/test_mlstm_fused.py);
+        as close to a float64 run as xlstm's float32 form on the whole model (tests/test_fused_defaults.py);
         xlstm's PyTorch form otherwise (with gradients, on GPU, or without a C compiler);
     "fused": demand the fused layer (error with gradients or when it cannot be built);
     "cpu": xlstm's layer forward around the exact compiled cell, bit-identical to xlstm's float32
-        form on most CPUs (the default before the fused layer; same errors as "fused");
+        form on most CPUs (the default before the fused layer; refused with gradients, like "fused");
     "reference": always xlstm's PyTorch form.
     """
     check_kernel(kernel)

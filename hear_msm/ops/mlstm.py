@@ -19,7 +19,7 @@ in one pass per token, the gate matrix in one pass per row that stays in L1 (our
 a 16-lane row sum), computed in row blocks whose matmuls skip most of the zero triangle, and
 head norm + skip + output gate in one pass per token (in double, rounded once). Its float32
 rounding differs from xlstm's, and its error against a float64 run is no larger than xlstm's
-own float32 form's on the whole model (tests/test_mlstm_fused.py).
+own float32 form's on the whole model (tests/test_fused_defaults.py).
 The exact path (`mlstm_parallel_cpu(exact=True)`, kernel "cpu", inside xlstm's own layer
 forward): bit-identical to xlstm's float32 cell. C writes the stabilised log weights of the
 causal triangle, packed, and weighs QK^T in place; exp, the row sum, normaliser and division stay
