@@ -154,7 +154,7 @@ def causal_conv_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     x [B, L, E] float32 (any row stride with unit column stride: in_proj's output split in two);
     weight [E, 1, K]; bias [E] or None. Returns [B, L, E] contiguous: the scan's input layout.
     One pass over the tokens in C instead of oneDNN's conv on a channel-first copy, its output
-    copy, and PyTorch's SiLU; as accurate against float64 (tests/test_speed_paths.py).
+    copy, and PyTorch's SiLU; as accurate against float64 (tests/test_fused_defaults.py).
     """
     library = _library_or_raise()
     batch, length, inner = x.shape
