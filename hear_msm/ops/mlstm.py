@@ -174,22 +174,24 @@ def mlstm_layer_cpu(up: torch.Tensor, conv_weight, conv_bias, q_weight, k_weight
     up [B, L, 2 D]: proj_up's output (x_mlstm, then z); conv_weight [D, 1, K], conv_bias [D] or
     None: the causal depthwise conv; q/k/v_weight [D / bs, bs, bs]: the block-diagonal projections
     (xlstm's `LinearHeadwiseExpand`, no bias); gate_weight [2 NH, 3 D], gate_bias [2 NH]: input
-    then forget gate of the cell; norm_weight [D]: the head norm's scale (1 + weight); skip [D]: the
-    learnable skip. Returns h [B, L, D], the input of proj_down:
+    then forget gate of the cell; norm_weight [D]: the head norm's scale (1 + weight; xlstm's head
+    norm has no bias); skip [D]: the learnable skip. Returns h [B, L, D], the input of proj_down:
 
         act = silu(conv(x_mlstm)); h = (headnorm(cell(q(act), k(act), v(x_mlstm))) + skip * act) * silu(z)
 
     Three C passes (`hear_msm_mlstm_layer_in`, `_forget_cumsum`, `_layer_out`) around the fused
     cell (`mlstm_parallel_cpu(exact=False)`'s gate pass between its two per-clip matmuls), instead
-    of ~20 PyTorch ops and their intermediate tensors. Float32 with our exp and sum orders; its
-    error against a float64 run of xlstm's layer is tested on the whole model.
+    of ~20 PyTorch ops and their intermediate tensors; the gate matrix in `row_blocks` row blocks
+    whose matmuls skip most of its zero triangle. Float32 tensors with our exp and sum orders; the
+    log-sigmoid cumsum, head norm, skip and SiLUs computed in double and rounded once. Its error
+    against a float64 run is tested per layer and on the whole model (tests/test_fused_defaults.py).
     """
     library = load_library()
     if library is None:
         raise RuntimeError("the compiled CPU mLSTM kernel is not available")
     batch, length, two_d = up.shape
     dim = two_d // 2
-    blocks, block_size, _ = q_weight.shape
+    block_size = q_weight.shape[1]
     kernel_size = conv_weight.shape[-1]
     head_dim = dim // num_heads
     with torch.no_grad():
