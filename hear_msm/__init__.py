@@ -42,9 +42,10 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
     kernel: a runtime choice; each family accepts its own values and refuses others (ValueError
         naming them). SSAM, the selective scan, "auto" | "cuda" | "cpu" | "reference": "auto"
         takes mamba-ssm's fused kernel on CUDA and the compiled CPU scan on CPU, else the PyTorch
-        reference; "cpu" and "cuda" demand their kernel. AxLSTM, the mLSTM gate kernel
+        reference; "cpu" and "cuda" demand their kernel. AxLSTM, the mLSTM layer
         (`hear_msm.models.xlstm.set_mlstm_kernel`), "auto" | "cpu" | "fused" | "reference": "auto" takes
-        the compiled CPU kernel for inference on CPU (bit-identical), "cpu" demands it,
+        the compiled fused layer for inference on CPU (as accurate against float64 as xlstm's form),
+        "fused" demands it, "cpu" is xlstm's layer around a compiled cell bit-identical to xlstm's,
         "reference" keeps xlstm's PyTorch form. SSAST (and MW-MAE / MAE), "auto" | "onednn" |
         "reference": "auto" runs the block's Linear layers with oneDNN epilogues (bias, residual add,
         exact GELU) for float32 inference on CPU at widths up to 192, "onednn" demands it at any

@@ -84,7 +84,12 @@ class MambaMixer(nn.Module):
         rank, n = self.config.resolved_dt_rank, self.config.d_state
         u, gate = self.in_proj(hidden).chunk(2, dim=-1)  # [B, L, E] each
         ssm_state = new_state = None
-        if state is None:
+        # any trainable parameter counts: the inference scan detaches its inputs
+        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))
+        path = scan_ops.resolve(self.kernel, hidden.is_cuda)
+        if state is None and path == "cpu" and not needs_grad and u.dtype == torch.float32:
+            u = scan_ops.causal_conv_silu_cpu(u, self.conv1d.weight, self.conv1d.bias)  # contiguous
+        elif state is None:
             # depthwise causal conv: pad both sides by d_conv - 1, keep the first L outputs
             u = F.silu(self.conv1d(u.transpose(1, 2))[..., :length]).transpose(1, 2)
             if not hidden.is_cuda:
@@ -97,9 +102,6 @@ class MambaMixer(nn.Module):
             ssm_state = state[1] if state else None
         dt, B, C = self.x_proj(u).split([rank, n, n], dim=-1)
         A = -torch.exp(self.A_log.float())
-        # any trainable parameter counts: the inference scan detaches its inputs
-        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))
-        path = scan_ops.resolve(self.kernel, hidden.is_cuda)
         if path == "cuda" and state is None:
             return self.out_proj(fused_cuda_scan(u, dt, A, B, C, gate, self.dt_proj, self.D)), None
         delta = F.softplus(self.dt_proj(dt).float())

@@ -16,10 +16,12 @@ the same function in time and memory linear in S: exact attention inside blocks 
 carried matrix memory (C, n, m) between them. Its stabiliser m equals the parallel form's
 row-wise maximum, so the two agree to float rounding (tests/test_speed_paths.py).
 
-On CPU without gradients the parallel form's gate-matrix work runs in a small compiled kernel
-(`hear_msm.ops.mlstm`, `kernel="auto"`, see `set_mlstm_kernel`): the same operations as xlstm's
-PyTorch form, as accurate against a float64 run (tests/test_speed_paths.py); its speed is measured
-in benchmarks/.
+On CPU without gradients (`kernel="auto"`, see `set_mlstm_kernel`) each layer runs fused instead:
+xlstm's two projections as PyTorch matmuls, everything between them in compiled C passes around
+the cell's matmuls (`hear_msm.ops.mlstm.mlstm_layer_cpu`). It rounds differently from xlstm's
+op-by-op form but is at least as close to a float64 run of it, on the whole model
+(tests/test_fused_defaults.py); `kernel="reference"` keeps xlstm's own forward, and training always
+uses it. Its speed is measured in benchmarks/.
 """
 from __future__ import annotations
 
@@ -125,6 +127,18 @@ def mlstm_layer_forward(layer: nn.Module, x: torch.Tensor, state: tuple | None =
     return (out, (conv_state, cell_state)) if carry else out
 
 
+def fused_layer_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """xlstm's `mLSTMLayer.forward` [B, L, D] -> [B, L, D] for CPU inference (float32, no autograd):
+    its two projections as PyTorch matmuls, everything between them in `mlstm_ops.mlstm_layer_cpu`."""
+    cell = layer.mlstm_cell
+    h = mlstm_ops.mlstm_layer_cpu(
+        layer.proj_up(x), layer.conv1d.conv.weight, layer.conv1d.conv.bias,
+        layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight,
+        torch.cat([cell.igate.weight, cell.fgate.weight]), torch.cat([cell.igate.bias, cell.fgate.bias]),
+        cell.outnorm.weight_proxy, layer.learnable_skip, cell.config.num_heads, cell.outnorm.eps)
+    return layer.proj_down(h)
+
+
 def check_kernel(kernel: str) -> str:
     """The one check of a kernel value for AxLSTM: the builder and `set_mlstm_kernel` call it."""
     if kernel not in MLSTM_KERNELS:
@@ -192,7 +206,14 @@ class XLSTMBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         fits = x.shape[1] <= self.layer.mlstm_cell.causal_mask.shape[0]  # xlstm's parallel form needs that
-        layer = self.layer if self.form == "parallel" and fits else (lambda t: mlstm_layer_forward(self.layer, t))
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.layer.proj_up.weight.requires_grad)
+        path = mlstm_ops.resolve(self.layer.mlstm_cell.backend_fn.kernel, x.is_cuda, needs_grad)
+        if path == "fused" and self.form == "parallel" and fits and x.dtype == torch.float32:
+            layer = lambda t: fused_layer_forward(self.layer, t)  # noqa: E731
+        elif self.form == "parallel" and fits:
+            layer = self.layer
+        else:
+            layer = lambda t: mlstm_layer_forward(self.layer, t)  # noqa: E731
         if self.reverse:
             return x + layer(h.flip(1)).flip(1)
         return x + layer(h)
@@ -215,10 +236,10 @@ MLSTM_FORMS = ("parallel", "blockwise")
 def set_mlstm_form(model: nn.Module, form: str) -> None:
     """Runtime choice for sequences of up to 251 tokens (longer ones always run blockwise).
 
-    "parallel" (default): xlstm's own layer forward, bit-identical to the authors' models.
-    "blockwise": `mlstm_layer_forward`, 1.2-1.4x faster on CPU; the same function, but float32
-    rounding differs by up to ~3e-5 relative (it is the closer of the two to a float64 run:
-    benchmarks/README.md), so it is opt-in.
+    "parallel" (default): the parallel form, run by the fused layer (`fused_layer_forward`) for CPU
+        inference and by xlstm's own layer forward otherwise (see `set_mlstm_kernel`).
+    "blockwise": `mlstm_layer_forward` (PyTorch ops, blockwise cell); the same function, as close
+        to a float64 run, slower than the fused layer on CPU.
     """
     if form not in MLSTM_FORMS:
         raise ValueError(f"form must be one of {MLSTM_FORMS}, got {form!r}")
@@ -228,14 +249,14 @@ def set_mlstm_form(model: nn.Module, form: str) -> None:
 
 
 def set_mlstm_kernel(model: nn.Module, kernel: str) -> None:
-    """Runtime choice for the parallel form's gate-matrix work (2 s chunks; longer sequences run
-    `mlstm_blockwise`):
+    """Runtime choice for the mLSTM layers (2 s chunks; longer sequences run `mlstm_blockwise`):
 
-    "auto" (default): the compiled CPU kernel for inference on CPU, bit-identical to xlstm's
-        PyTorch form (which runs otherwise: with gradients, on GPU, or without a C compiler);
-    "cpu": demand that kernel (error with gradients or when it cannot be built);
-    "fused": opt-in, everything between the two matmuls in one C pass, ~10% faster per cell
-        but our exp and sum order (~1e-7 relative per cell, up to ~2e-5 on a whole model);
+    "auto" (default): the fused layer (`fused_layer_forward`) for float32 inference on CPU, at least
+        as close to a float64 run as xlstm's float32 form on the whole model (tests/test_fused_defaults.py);
+        xlstm's PyTorch form otherwise (with gradients, on GPU, or without a C compiler);
+    "fused": demand the fused layer (error with gradients or when it cannot be built);
+    "cpu": xlstm's layer forward around the exact compiled cell, bit-identical to xlstm's float32
+        form on most CPUs (the default before the fused layer; refused with gradients, like "fused");
     "reference": always xlstm's PyTorch form.
     """
     check_kernel(kernel)

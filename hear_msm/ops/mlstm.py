@@ -1,4 +1,4 @@
-"""A compiled mLSTM cell (parallel form) for CPU inference, built on first use with the system C compiler.
+"""A compiled mLSTM layer and cell (parallel form) for CPU inference, built on first use with the system C compiler.
 
 Why: xlstm's `parallel_stabilized_simple` builds the S x S gate matrix of every head in ~10
 separate PyTorch passes (repeat, subtract a transposed copy, mask, add the input gates, row max,
@@ -13,16 +13,21 @@ more than half of AxLSTM-tiny's CPU time (benchmarks/README.md, note 12). The fu
 QK^T and out @ V stay PyTorch matmuls (oneDNN/MKL beat anything this small C file could do),
 made by exactly xlstm's calls, and F by the same torch ops.
 
-Default (exact) path, bit-identical to xlstm's float32 result: C writes the stabilised log
-weights of the causal triangle, packed, and weighs QK^T in place; exp, the row sum, normaliser
-and division stay PyTorch ops on xlstm's shapes. Why not fuse those too: the official fixtures'
-random checkpoint amplifies any rounding change ~200x (a correctly rounded exp alone moves its
-outputs by 1.6e-4 > the 1e-4 test limit), so only exact rewrites are safe as the default.
-Opt-in fused path (`exact=False`): everything between the matmuls in three passes over a row
-that stays in L1 (our exp polynomial, a 16-lane row sum): ~1e-7 relative per cell, ~10% faster.
-The C is compiled WITHOUT -ffast-math and with -ffp-contract=off: its subtractions, adds,
-products and divisions must round exactly as PyTorch's elementwise ops do; the reductions are
-vectorised by hand (16 independent lanes; max is order-free, so still exact).
+Two paths. The default (`mlstm_layer_cpu`, kernel "auto" / "fused") fuses the whole layer between
+its two projections: conv + SiLU, the block-diagonal q/k/v projections and both gate projections
+in one pass per token, the gate matrix in one pass per row that stays in L1 (our exp polynomial,
+a 16-lane row sum), computed in row blocks whose matmuls skip most of the zero triangle, and
+head norm + skip + output gate in one pass per token (in double, rounded once). Its float32
+rounding differs from xlstm's, and its error against a float64 run is no larger than xlstm's
+own float32 form's on the whole model (tests/test_fused_defaults.py).
+The exact path (`mlstm_parallel_cpu(exact=True)`, kernel "cpu", inside xlstm's own layer
+forward): bit-identical to xlstm's float32 cell. C writes the stabilised log weights of the
+causal triangle, packed, and weighs QK^T in place; exp, the row sum, normaliser and division stay
+PyTorch ops on xlstm's shapes. It was the default while parity meant "the same bits as the
+fixtures" (benchmarks/README.md, note 12).
+The C is compiled WITHOUT -ffast-math and with -ffp-contract=off: the exact path's subtractions,
+adds, products and divisions must round exactly as PyTorch's elementwise ops do; the reductions
+are vectorised by hand (16 independent lanes; max is order-free, so still exact).
 
 Same build scheme as `selective_scan` (cached under `$HEAR_MSM_CACHE`, default ~/.cache/hear_msm,
 keyed by a hash of source and flags; no compiler -> one warning and xlstm's PyTorch form).
@@ -61,7 +66,18 @@ def _declare(library: ctypes.CDLL) -> None:
         [ctypes.c_long] * 2
     library.hear_msm_mlstm_log_weights_parallel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
     library.hear_msm_mlstm_weigh_parallel.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
-    for name in ("gates", "log_weights", "weigh"):
+    library.hear_msm_mlstm_gates_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4 + [ctypes.c_float] + \
+        [ctypes.c_long] * 2
+    library.hear_msm_mlstm_gates_rows_parallel.argtypes = library.hear_msm_mlstm_gates_rows.argtypes
+    library.hear_msm_mlstm_layer_in.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_long] * 5 + [ctypes.c_float] + \
+        [ctypes.c_long] * 2
+    library.hear_msm_mlstm_layer_in_parallel.argtypes = library.hear_msm_mlstm_layer_in.argtypes
+    library.hear_msm_mlstm_forget_cumsum.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4
+    library.hear_msm_mlstm_forget_cumsum_parallel.argtypes = library.hear_msm_mlstm_forget_cumsum.argtypes
+    library.hear_msm_mlstm_layer_out.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 + [ctypes.c_float] + \
+        [ctypes.c_long] * 2
+    library.hear_msm_mlstm_layer_out_parallel.argtypes = library.hear_msm_mlstm_layer_out.argtypes
+    for name in ("gates", "log_weights", "weigh", "gates_rows", "layer_in", "forget_cumsum", "layer_out"):
         getattr(library, f"hear_msm_mlstm_{name}").restype = None
         getattr(library, f"hear_msm_mlstm_{name}_parallel").restype = None
 
@@ -76,10 +92,10 @@ KERNELS = ("auto", "cpu", "fused", "reference")
 
 
 def resolve(kernel: str, tensor_is_cuda: bool, needs_grad: bool, kernel_loader=None) -> str:
-    """The one dispatch decision of the mLSTM cell: "cpu" (compiled, exact), "fused" (compiled,
-    everything between the matmuls in C) or "reference" (xlstm's PyTorch parallel form).
+    """The one dispatch decision of the mLSTM layer: "fused" (the compiled layer, `mlstm_layer_cpu`),
+    "cpu" (xlstm's layer around the compiled exact cell) or "reference" (xlstm's PyTorch form).
 
-    `auto` takes "cpu" for CPU tensors when no gradient is needed and the kernel builds; `cpu` and
+    `auto` takes "fused" for CPU tensors when no gradient is needed and the kernel builds; `cpu` and
     `fused` demand the kernel (ValueError on CUDA tensors, with gradients, or when it cannot be
     built); `reference` never takes it. The compiled kernel is forward-only.
     """
@@ -96,7 +112,7 @@ def resolve(kernel: str, tensor_is_cuda: bool, needs_grad: bool, kernel_loader=N
     if kernel != "auto" and not available:
         raise ValueError(f"kernel={kernel!r} needs a C compiler (cc/gcc) to build the CPU mLSTM kernel on "
                          "first use; use kernel='auto' or 'reference'")
-    return ("cpu" if kernel == "auto" else kernel) if available else "reference"
+    return ("fused" if kernel == "auto" else kernel) if available else "reference"
 
 
 def mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact, eps: float = 1e-6,
@@ -148,6 +164,75 @@ def mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact, eps: f
         for clip in range(batch):
             torch.bmm(scores[clip], values[clip], out=hidden[clip].transpose(0, 1))
         return hidden.transpose(1, 2)
+
+
+def mlstm_layer_cpu(up: torch.Tensor, conv_weight, conv_bias, q_weight, k_weight, v_weight, gate_weight, gate_bias,
+                    norm_weight, skip, num_heads: int, norm_eps: float, eps: float = 1e-6,
+                    row_blocks: int = 3) -> torch.Tensor:
+    """xlstm's `mLSTMLayer` between `proj_up` and `proj_down`, fused for CPU inference; no autograd.
+
+    up [B, L, 2 D]: proj_up's output (x_mlstm, then z); conv_weight [D, 1, K], conv_bias [D] or
+    None: the causal depthwise conv; q/k/v_weight [D / bs, bs, bs]: the block-diagonal projections
+    (xlstm's `LinearHeadwiseExpand`, no bias); gate_weight [2 NH, 3 D], gate_bias [2 NH]: input
+    then forget gate of the cell; norm_weight [D]: the head norm's scale (1 + weight; xlstm's head
+    norm has no bias); skip [D]: the learnable skip. Returns h [B, L, D], the input of proj_down:
+
+        act = silu(conv(x_mlstm)); h = (headnorm(cell(q(act), k(act), v(x_mlstm))) + skip * act) * silu(z)
+
+    Three C passes (`hear_msm_mlstm_layer_in`, `_forget_cumsum`, `_layer_out`) around the fused
+    cell (`mlstm_parallel_cpu(exact=False)`'s gate pass between its two per-clip matmuls), instead
+    of ~20 PyTorch ops and their intermediate tensors; the gate matrix in `row_blocks` row blocks
+    whose matmuls skip most of its zero triangle. Float32 tensors with our exp and sum orders; the
+    log-sigmoid cumsum, head norm, skip and SiLUs computed in double and rounded once. Its error
+    against a float64 run is tested per layer and on the whole model (tests/test_fused_defaults.py).
+    """
+    library = load_library()
+    if library is None:
+        raise RuntimeError("the compiled CPU mLSTM kernel is not available")
+    batch, length, two_d = up.shape
+    dim = two_d // 2
+    block_size = q_weight.shape[1]
+    kernel_size = conv_weight.shape[-1]
+    head_dim = dim // num_heads
+    with torch.no_grad():
+        up = up.contiguous()
+        # weights in the layouts the C passes read (a few KB: rearranged per call)
+        conv_t = conv_weight.reshape(dim, kernel_size).t().contiguous()  # [K, D]
+        by_input = [w.permute(2, 0, 1).reshape(block_size, dim).contiguous() for w in (q_weight, k_weight, v_weight)]
+        gate_weight, gate_bias = gate_weight.contiguous(), gate_bias.contiguous()
+        act, q, k, v = (up.new_empty(batch, length, dim) for _ in range(4))
+        gates = up.new_empty(batch * length, 2 * num_heads)
+        tokens = batch * length
+        _run(library.hear_msm_mlstm_layer_in, tokens, length, up.data_ptr(), conv_t.data_ptr(),
+             None if conv_bias is None else conv_bias.contiguous().data_ptr(),
+             *(w.data_ptr() for w in by_input), gate_weight.data_ptr(), gate_bias.data_ptr(),
+             act.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), gates.data_ptr(),
+             length, dim, kernel_size, block_size, 2 * num_heads, 1.0 / math.sqrt(head_dim))
+        count = batch * num_heads
+        igate = up.new_empty(count, length)
+        fcum = up.new_empty(count, length + 1)
+        _run(library.hear_msm_mlstm_forget_cumsum, count, length, gates.data_ptr(), igate.data_ptr(),
+             fcum.data_ptr(), length, num_heads)
+        heads = [t.view(batch, length, num_heads, head_dim).transpose(1, 2) for t in (q, k, v)]
+        hidden = up.new_empty(batch, length, num_heads, head_dim)
+        # the gate matrix in row blocks, each against the columns up to its last row only: the
+        # matmuls skip most of the zero triangle above the diagonal
+        bounds = [length * b // row_blocks for b in range(row_blocks + 1)]
+        for row0, row1 in zip(bounds[:-1], bounds[1:]):
+            if row1 == row0:
+                continue
+            scores = up.new_empty(batch, num_heads, row1 - row0, row1)
+            for clip in range(batch):
+                torch.bmm(heads[0][clip, :, row0:row1], heads[1][clip, :, :row1].transpose(-2, -1), out=scores[clip])
+            _run(library.hear_msm_mlstm_gates_rows, count, length, scores.data_ptr(), fcum.data_ptr(),
+                 igate.data_ptr(), length, row0, row1 - row0, row1, eps)
+            for clip in range(batch):
+                torch.bmm(scores[clip], heads[2][clip, :, :row1], out=hidden[clip, row0:row1].transpose(0, 1))
+        out = up.new_empty(batch, length, dim)
+        _run(library.hear_msm_mlstm_layer_out, tokens, length, hidden.data_ptr(), up.data_ptr(), act.data_ptr(),
+             norm_weight.contiguous().data_ptr(), skip.contiguous().data_ptr(), out.data_ptr(), dim, num_heads,
+             norm_eps)
+        return out
 
 
 def headwise_projection(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

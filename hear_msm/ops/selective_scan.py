@@ -48,6 +48,9 @@ def _declare(library: ctypes.CDLL) -> None:
     for name in ("hear_msm_selective_scan_backward", "hear_msm_selective_scan_backward_f64"):
         getattr(library, name).argtypes = [ctypes.c_void_p] * 16 + [ctypes.c_long] * 6
         getattr(library, name).restype = None
+    for name in ("hear_msm_causal_conv_silu", "hear_msm_causal_conv_silu_parallel"):
+        getattr(library, name).argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 5
+        getattr(library, name).restype = None
 
 
 KERNELS = ("auto", "cuda", "cpu", "reference")
@@ -143,6 +146,34 @@ def selective_scan_cpu(u, delta, A, B, C, D, state: torch.Tensor | None = None):
     (see `selective_scan_cpu_autograd` for training).
     """
     return _forward(_library_or_raise(), (u, delta, A, B, C, D), state, torch.float32)
+
+
+def causal_conv_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(depthwise causal conv of x over time), the mixer's step before the scan; no autograd.
+
+    x [B, L, E] float32 (any row stride with unit column stride: in_proj's output split in two);
+    weight [E, 1, K]; bias [E] or None. Returns [B, L, E] contiguous: the scan's input layout.
+    One pass over the tokens in C instead of oneDNN's conv on a channel-first copy, its output
+    copy, and PyTorch's SiLU; as accurate against float64 (tests/test_fused_defaults.py).
+    """
+    library = _library_or_raise()
+    batch, length, inner = x.shape
+    kernel_size = weight.shape[-1]
+    with torch.no_grad():
+        if x.stride(-1) != 1 or (batch > 1 and x.stride(0) != length * x.stride(1)):
+            x = x.contiguous()
+        taps = weight.reshape(inner, kernel_size).t().contiguous()  # [K, E]
+        bias = None if bias is None else bias.contiguous()
+        out = x.new_empty(batch, length, inner)
+        args = (x.data_ptr(), x.stride(1), taps.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+                length, inner, kernel_size)
+        tokens = batch * length
+        threads = max(1, min(torch.get_num_threads(), tokens // 64))
+        if threads > 1 and _KERNEL.uses_openmp:
+            library.hear_msm_causal_conv_silu_parallel(*args, tokens, threads)
+        else:
+            library.hear_msm_causal_conv_silu(*args, 0, tokens)
+        return out
 
 
 def selective_scan_cpu_autograd(u, delta, A, B, C, D):

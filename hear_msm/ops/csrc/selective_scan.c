@@ -202,3 +202,54 @@ void hear_msm_selective_scan_backward_f64(const double *u, const double *delta, 
                                           long e_begin, long e_end) {
     backward_f64(BACKWARD_ARGS);
 }
+
+/* e^x for any x in [-87, 88] (clamped there): `exp_nonpositive`'s reduction and polynomial. */
+static inline float exp_clamped(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float k = __builtin_rintf(x * 1.44269504088896341f);
+    float r = x - k * 0.693359375f;
+    r = r + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* The mixer's depthwise causal conv and SiLU before the scan, for inference, tokens
+   n = clip * L + t in [n_begin, n_end):
+       out[n, c] = silu(bias[c] + sum_j w_t[j, c] x[n - (K - 1) + j, c])   (taps before t = 0 are 0)
+   x: rows of `x_stride` floats (in_proj's output: u is its first E columns); w_t [K, E]; bias [E]
+   or NULL; out [N, E]. The SiLU's division runs in double, rounded once (x / (1 + e^-x); at
+   x < -88 e^-x is clamped, giving x / 1.6e38 ~ 0). */
+void hear_msm_causal_conv_silu(const float *restrict x, long x_stride, const float *restrict w_t,
+                               const float *restrict bias, float *restrict out, long L, long E, long K,
+                               long n_begin, long n_end) {
+    for (long n = n_begin; n < n_end; ++n) {
+        const long t = n % L;
+        float *restrict o = out + n * E;
+        for (long c = 0; c < E; ++c) o[c] = bias ? bias[c] : 0.0f;
+        for (long j = 0; j < K; ++j) {
+            if (t - (K - 1) + j < 0) continue;
+            const float *restrict row = x + (n - (K - 1) + j) * x_stride;
+            const float *restrict w = w_t + j * E;
+            for (long c = 0; c < E; ++c) o[c] = w[c] * row[c] + o[c];
+        }
+        for (long c = 0; c < E; ++c) o[c] = (float)((double)o[c] / (1.0 + (double)exp_clamped(-o[c])));
+    }
+}
+
+void hear_msm_causal_conv_silu_parallel(const float *x, long x_stride, const float *w_t, const float *bias,
+                                        float *out, long L, long E, long K, long count, long threads) {
+#ifdef _OPENMP
+    #pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+    for (long i = 0; i < threads; ++i)
+        hear_msm_causal_conv_silu(x, x_stride, w_t, bias, out, L, E, K, count * i / threads, count * (i + 1) / threads);
+}
