@@ -113,57 +113,95 @@ def _float32(value):
     return value
 
 
-_ISLANDS: dict[type, type] = {}  # module class -> its float32 island subclass
+_BASES: dict[type, type] = {}  # every class made here -> the class it was made from
+_MADE: dict[tuple[str, type], type] = {}
+
+
+def _derived(kind: str, cls: type, methods: dict, doc: str | None = None) -> type:
+    """One subclass of `cls` per kind, with `methods` overridden; same name and module as `cls`, so
+    that reprs, error messages and isinstance checks read as before."""
+    if (kind, cls) not in _MADE:
+        made = type(cls.__name__, (cls,), {**methods, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                           "__doc__": doc or cls.__doc__})
+        _MADE[kind, cls] = made
+        _BASES[made] = cls
+    return _MADE[kind, cls]
+
+
+def _base_class(cls: type) -> type:
+    return _BASES.get(cls, cls)
 
 
 def _island_class(cls: type) -> type:
     """A subclass of `cls` whose forward runs in float32 with autocast off."""
-    if cls not in _ISLANDS:
-        def forward(self, *args, **kwargs):
-            with torch.autocast("cpu", enabled=False):
-                return cls.forward(self, *_float32(args), **_float32(kwargs))
+    def forward(self, *args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return cls.forward(self, *_float32(args), **_float32(kwargs))
 
-        _ISLANDS[cls] = type(cls.__name__, (cls,), {
-            "forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-            "__doc__": f"{cls.__name__} as a float32 island of bfloat16 inference (hear_msm._precision)."})
-        _ISLANDS[_ISLANDS[cls]] = _ISLANDS[cls]
-    return _ISLANDS[cls]
-
-
-def _xlstm_block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    # the parallel form goes through the mLSTM cell module (an island); the other paths compute the
-    # cell inline (hear_msm.models.xlstm.mlstm_layer_forward), so the whole block runs in float32
-    cls = type(self).__mro__[1]
-    parallel = self.form == "parallel" and x.shape[1] <= self.layer.mlstm_cell.causal_mask.shape[0]
-    if parallel:
-        return cls.forward(self, x)
-    with torch.autocast("cpu", enabled=False):
-        return cls.forward(self, x.float())
-
-
-def _xlstm_block_stream(self, x: torch.Tensor, state):
-    with torch.autocast("cpu", enabled=False):
-        return type(self).__mro__[1].forward_stream(self, x.float(), state)
-
-
-_XLSTM_BLOCKS: dict[type, type] = {}
+    return _derived("island", cls, {"forward": forward},
+                    f"{cls.__name__} as a float32 island of bfloat16 inference (hear_msm._precision).")
 
 
 def _xlstm_block_class(cls: type) -> type:
-    if cls not in _XLSTM_BLOCKS:
-        _XLSTM_BLOCKS[cls] = type(cls.__name__, (cls,), {
-            "forward": _xlstm_block_forward, "forward_stream": _xlstm_block_stream, "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
-        _XLSTM_BLOCKS[_XLSTM_BLOCKS[cls]] = _XLSTM_BLOCKS[cls]
-    return _XLSTM_BLOCKS[cls]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the parallel form goes through the mLSTM cell module (an island); the other paths compute
+        # the cell inline (hear_msm.models.xlstm.mlstm_layer_forward), so the whole block runs in float32
+        if self.form == "parallel" and x.shape[1] <= self.layer.mlstm_cell.causal_mask.shape[0]:
+            return cls.forward(self, x)
+        with torch.autocast("cpu", enabled=False):
+            return cls.forward(self, x.float())
+
+    def forward_stream(self, x: torch.Tensor, state):
+        with torch.autocast("cpu", enabled=False):
+            return cls.forward_stream(self, x.float(), state)
+
+    return _derived("xlstm_block", cls, {"forward": forward, "forward_stream": forward_stream})
 
 
-def float32_islands(model: nn.Module) -> list[tuple[nn.Module, type]]:
-    """(module, class to give it) for every module of `model` that bfloat16 inference keeps in float32."""
+def _bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def _cached_bf16(module: nn.Module, name: str) -> torch.Tensor | None:
+    """`module.<name>` rounded to bfloat16 once, and again only after the parameter changes in place
+    (its version counter moves: load_state_dict, an optimiser step)."""
+    tensor = getattr(module, name)
+    if tensor is None:
+        return None
+    cache = module.__dict__.setdefault("_bf16_cache", {})
+    key = (tensor.data_ptr(), tensor._version)
+    if name not in cache or cache[name][0] != key:
+        with torch.no_grad():
+            cache[name] = (key, tensor.detach().to(torch.bfloat16))
+    return cache[name][1]
+
+
+def _cached_weight_class(cls: type) -> type:
+    """Linear / Conv whose bfloat16 weights are kept between calls. Autocast would otherwise round
+    every weight again at each encoder call (its own cache lives only as long as the outermost
+    autocast region): for a base model 30-40% of a one-chunk call. Outside bfloat16 autocast (a
+    float32 island, a float32 path) the float32 weights are used as before."""
+    if issubclass(cls, nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not _bf16_autocast() or torch.is_grad_enabled():
+                return cls.forward(self, x)
+            return nn.functional.linear(x.to(torch.bfloat16), _cached_bf16(self, "weight"), _cached_bf16(self, "bias"))
+    else:
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not _bf16_autocast() or torch.is_grad_enabled():
+                return cls.forward(self, x)
+            return self._conv_forward(x.to(torch.bfloat16), _cached_bf16(self, "weight"), _cached_bf16(self, "bias"))
+
+    return _derived("cached_bf16_weights", cls, {"forward": forward})
+
+
+def precision_swaps(model: nn.Module) -> list[tuple[nn.Module, type]]:
+    """(module, class to give it) for bf16 inference: the float32 islands, and the matmul layers
+    outside them that keep bfloat16 copies of their weights."""
     from .models.mamba import MambaMixer
     from .models.xlstm import XLSTMBlock
 
-    swaps = []
+    swaps, in_islands = [], set()
     for module in model.modules():
         if isinstance(module, MambaMixer):  # SSAM and SSAMBA (both directions)
             for name in ("dt_proj", "dt_proj_b"):
@@ -173,11 +211,13 @@ def float32_islands(model: nn.Module) -> list[tuple[nn.Module, type]]:
             swaps.append((module, _xlstm_block_class(type(module))))
             cell = module.layer.mlstm_cell
             swaps.append((cell, _island_class(type(cell))))
+    for module, made in swaps:
+        if _MADE.get(("island", _base_class(made))) is made:
+            in_islands.update(module.modules())
+    for module in model.modules():
+        if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d) and module not in in_islands:
+            swaps.append((module, _cached_weight_class(type(module))))
     return swaps
-
-
-def _base_class(cls: type) -> type:
-    return cls.__mro__[1] if _ISLANDS.get(cls) is cls or _XLSTM_BLOCKS.get(cls) is cls else cls
 
 
 ENTRY_POINTS = ("forward", "forward_features", "forward_sequence")
@@ -192,22 +232,13 @@ def _bf16_entry(function):
                                  f"input on {value.device}: load it with precision='fp32' for that device")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return _float32(function(*args, **kwargs))
-    run.bf16_entry = True
     return run
-
-
-_ENTRY_CLASSES: dict[type, type] = {}
 
 
 def _entry_class(cls: type) -> type:
     """A subclass of the model's class whose inference entry points run under bfloat16 autocast."""
-    if cls not in _ENTRY_CLASSES:
-        methods = {name: _bf16_entry(getattr(cls, name)) for name in ENTRY_POINTS if hasattr(cls, name)}
-        _ENTRY_CLASSES[cls] = type(cls.__name__, (cls,), {
-            **methods, "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
-            "precision": "bf16"})
-        _ENTRY_CLASSES[_ENTRY_CLASSES[cls]] = _ENTRY_CLASSES[cls]
-    return _ENTRY_CLASSES[cls]
+    methods = {name: _bf16_entry(getattr(cls, name)) for name in ENTRY_POINTS if hasattr(cls, name)}
+    return _derived("entry", cls, {**methods, "precision": "bf16"})
 
 
 def set_precision(model: nn.Module, precision: str) -> nn.Module:
@@ -215,21 +246,20 @@ def set_precision(model: nn.Module, precision: str) -> nn.Module:
 
     bf16 (see the module docstring): `forward_features`, `forward_sequence` and `forward` run under
     CPU bfloat16 autocast with the float32 islands, inputs float32 [B, 1, frames, bins] as before,
-    outputs float32 of the same shapes. Weights stay float32 (autocast rounds them to bfloat16 for
-    each matmul), so `state_dict`, saving and switching back to fp32 are unaffected. For inference;
-    checks the CPU first (`check_precision`).
+    outputs float32 of the same shapes. The parameters stay float32, so `state_dict`, saving and
+    switching back to fp32 are unaffected; the linear and conv layers outside the islands keep a
+    bfloat16 copy of their weights beside them (half the float32 weights' memory again), made at
+    the first call and again whenever a parameter changes in place. For inference (with gradients
+    enabled, plain autocast runs instead of the copies); checks the CPU first (`check_precision`).
     """
     check_precision(precision)
-    entry = _ENTRY_CLASSES.get(type(model))
-    base = type(model).__mro__[1] if entry is type(model) else type(model)
+    for module in model.modules():
+        module.__class__ = _base_class(type(module))
+        module.__dict__.pop("_bf16_cache", None)
     if precision == "bf16":
-        model.__class__ = _entry_class(base)
-        for module, island in float32_islands(model):
-            module.__class__ = island
-    else:
-        model.__class__ = base
-        for module in model.modules():
-            module.__class__ = _base_class(type(module))
+        for module, made in precision_swaps(model):
+            module.__class__ = made
+        model.__class__ = _entry_class(type(model))
     return model
 
 

@@ -83,7 +83,7 @@ def dtype_violations(model: nn.Module, spectrogram: torch.Tensor, monkeypatch) -
 
     hooks = [m.register_forward_hook(check) for m in norms + islands]
     hooks += [m.register_forward_hook(count) for m in model.modules()
-              if type(m) is nn.Linear and m not in islands]
+              if _precision._base_class(type(m)) is nn.Linear and m not in islands]
     scan = scan_ops.selective_scan_cpu
 
     def recorded_scan(*args):
@@ -158,6 +158,22 @@ def test_bf16_and_back_to_fp32():
         assert _precision.model_precision(model) == "fp32" and type(model) is type(reference)
         assert torch.equal(model.forward_features(x), reference.forward_features(x))
     assert all(type(a) is type(b) for a, b in zip(model.modules(), reference.modules()))
+
+
+def test_bf16_weight_copies_follow_the_parameters():
+    """The bfloat16 weight copies are remade when the parameters change in place (load_state_dict)."""
+    torch.manual_seed(1)
+    other = hear_msm.create_model("ssam_tiny").state_dict()
+    torch.manual_seed(0)
+    model = hear_msm.create_model("ssam_tiny", precision="bf16").eval()
+    x = _input(model)
+    with torch.no_grad():
+        before = model.forward_features(x)
+        model.load_state_dict(other)
+        after = model.forward_features(x)
+        fresh = hear_msm.create_model("ssam_tiny", precision="bf16").eval()
+        fresh.load_state_dict(other)
+        assert not torch.equal(before, after) and torch.equal(after, fresh.forward_features(x))
 
 
 # ------------------------------------------------------------------------------ embedding drift
