@@ -36,6 +36,7 @@ more than one thread, where work runs on other threads too.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -138,8 +139,11 @@ def main():
                        "vs_official", "vs_fp32"]))
     print(f"clock: {args.clock}; medians over {args.rounds} interleaved rounds; ratios paired within rounds "
           "(vs_official at batch > 1: ratio of medians, the official procedure measured at batch 1)")
+    # settings that change which kernels run (e.g. ONEDNN_MAX_CPU_ISA=AVX512_CORE: oneDNN without bf16 units)
+    environment = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "HEAR_MSM_CPU_BF16")
+                   if k in os.environ}
     write_json(args.out, {"seconds": args.seconds, "clock": args.clock, "rounds": args.rounds,
-                          "precisions": args.precision, "rows": rows})
+                          "precisions": args.precision, "environment": environment, "rows": rows})
 
 
 if __name__ == "__main__":
