@@ -46,7 +46,8 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/bf16_drift.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    clips = {path.name: torch.from_numpy(read_audio_16k_mono(path)[0])[None] for path in sorted(EXAMPLES.glob("*.flac"))}
+    clips = {path.name: torch.from_numpy(read_audio_16k_mono(path)[0])[None]
+             for path in sorted(EXAMPLES.glob("*.flac"))}
     rows = []
     for i, arch in enumerate(args.models):
         progress(i, len(args.models), arch)

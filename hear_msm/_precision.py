@@ -5,7 +5,8 @@ under `torch.autocast("cpu", dtype=torch.bfloat16)` and return float32. Autocast
 convolution, matmul and attention in bfloat16 (oneDNN's AVX512-BF16 / AMX kernels) and leaves
 every other op in the dtype of its input. What that gives each family, and the float32 islands
 added where it is not enough (a module whose class is swapped for a subclass that turns autocast
-off and casts bfloat16 inputs to float32; parameters, buffers and state_dict are untouched):
+off and casts bfloat16 inputs to float32; parameters, buffers and state_dict are untouched; the
+linear and conv layers outside the islands keep bfloat16 copies of their weights, see `set_precision`):
 
   all        The residual stream stays float32: the patch embedding's bfloat16 output is added to
              the float32 position table, and every block adds its bfloat16 output to the float32
@@ -17,7 +18,8 @@ off and casts bfloat16 inputs to float32; parameters, buffers and state_dict are
   SSAM,      in_proj, conv, x_proj and out_proj in bfloat16. Island: `dt_proj` (rank -> inner, a
   SSAMBA     tiny matmul), since the step delta sets the state's decay exp(delta A) over hundreds
              of steps. The selective scan (compiled CPU kernel or the reference) takes float32
-             inputs, so its state is float32.
+             inputs, so its state is float32. SSAMBA averages its two scan directions and sums
+             the two blocks of a pair in bfloat16 (one rounding each) before the float32 stream.
   AxLSTM     proj_up, conv, q/k/v and proj_down in bfloat16. Island: the whole mLSTM cell (the
              gate projections, log-sigmoid cumsum, stabiliser, normaliser, the gate-weighted
              matmuls and the head GroupNorm): under plain autocast all of it would run in
@@ -28,7 +30,7 @@ off and casts bfloat16 inputs to float32; parameters, buffers and state_dict are
 
 Only where the CPU has native bfloat16 arithmetic: AVX512-BF16 or AMX-BF16 on x86, the BF16
 extension on Arm (`cpu_has_native_bf16`). Elsewhere PyTorch still runs bfloat16, emulated through
-float32 conversions around every matmul, slower than float32 (benchmarks/README.md). Asking for
+float32 conversions around every matmul, slower than float32 (benchmarks/README.md, note 17). Asking for
 it there is a ValueError rather than a warning and a silent fall back to float32: the caller asked
 for a specific numeric format, and embeddings quietly computed in another one (or quietly slower)
 would be worse than an error that names the choice ("fp32"). Also refused: any device but the
@@ -49,6 +51,7 @@ PRECISIONS = ("fp32", "bf16")
 ENV_OVERRIDE = "HEAR_MSM_CPU_BF16"
 _NATIVE_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (AVX512-BF16, AMX) and Arm (FEAT_BF16)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+ENTRY_POINTS = ("forward", "forward_features", "forward_sequence")  # run under autocast, return float32
 
 
 def cpu_flags() -> set[str]:
@@ -218,9 +221,6 @@ def precision_swaps(model: nn.Module) -> list[tuple[nn.Module, type]]:
         if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d) and module not in in_islands:
             swaps.append((module, _cached_weight_class(type(module))))
     return swaps
-
-
-ENTRY_POINTS = ("forward", "forward_features", "forward_sequence")
 
 
 def _bf16_entry(function):
