@@ -31,7 +31,8 @@ __all__ = [
 ]
 
 
-def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto") -> MaskedSpectrogramModel:
+def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto",
+                 precision: str = "fp32") -> MaskedSpectrogramModel:
     """Build a registered architecture, optionally with weights.
 
     name: an architecture from `list_models()`, or "arch.tag" to load that weight tag.
@@ -51,7 +52,11 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
         exact GELU) for float32 inference on CPU at widths up to 192, "onednn" demands it at any
         width, "reference" is the plain PyTorch block (`hear_msm.models.transformer.resolve`).
         SSAMBA as SSAM (both scan directions).
+    precision: "fp32" (default) or "bf16": inference with bfloat16 matmuls and float32 norms, scan
+        state and mLSTM cell, float32 outputs; CPUs with native bfloat16 only (ValueError otherwise).
+        See `hear_msm._precision`.
     """
+    from ._precision import check_precision, set_precision
     from .models.registry import model_builder
 
     if not isinstance(name, str):
@@ -67,8 +72,9 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
         if pretrained not in (False, True, ""):
             raise ValueError(f"{name!r} already names weights; do not pass pretrained={pretrained!r} as well")
         pretrained = f"{arch}.{tag}"
+    check_precision(precision)  # before any weights are read
     builder = model_builder(arch)
-    model = builder(kernel=kernel)
+    model = set_precision(builder(kernel=kernel), precision)
     if pretrained is False:
         return model
     from ._weights import load_state_strict, load_weights
@@ -80,14 +86,17 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
     return model
 
 
-def load_model(source: str | os.PathLike, kernel: str = "auto") -> MaskedSpectrogramModel:
+def load_model(source: str | os.PathLike, kernel: str = "auto", precision: str = "fp32") -> MaskedSpectrogramModel:
     """Load a model from weights alone; the architecture comes from the weights.
 
     source: our format (folder with config.json + model.safetensors, or the .safetensors file),
         "hf://org/repo[@revision]", "hf://org/repo/file.pth[@revision]", an official run folder or
         .pth checkpoint (read without executing pickle code), or "arch.tag" (a registered tag,
         downloaded on first use if it is not shipped).
+    kernel, precision: as in `create_model`.
     """
+    from ._precision import check_precision, set_precision
     from ._weights import instantiate, load_weights
 
-    return instantiate(load_weights(source), kernel=kernel)
+    check_precision(precision)
+    return set_precision(instantiate(load_weights(source), kernel=kernel), precision)

@@ -167,6 +167,11 @@ class HearModel(nn.Module):
     def arch(self) -> str:
         return self.encoder.config.arch
 
+    @property
+    def precision(self) -> str:
+        """"fp32" or "bf16" (`hear_msm._precision.set_precision` on the encoder)."""
+        return getattr(self.encoder, "precision", "fp32")
+
     # ----------------------------------------------------------------------------- geometry
     def plan(self, num_samples: int) -> tuple[int, int]:
         """(chunks, embeddings) per clip of `num_samples` samples for this layout."""
@@ -396,7 +401,8 @@ def validate_audio(audio, min_samples: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ HEAR API
 def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", max_batch_chunks: int | None = None,
                     kernel: str = "auto", device: str | torch.device | None = None,
-                    sequence: str = "chunked", segment_tokens: int = 8192, positions: str = "auto") -> HearModel:
+                    sequence: str = "chunked", segment_tokens: int = 8192, positions: str = "auto",
+                    precision: str = "fp32") -> HearModel:
     """The HEAR `load_model` of every `hear_msm.<arch>` module.
 
     model_file_path: "" for the architecture's default weights, or any weight source
@@ -414,11 +420,15 @@ def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", 
         with sequence="chunked" only "auto" is accepted.
     kernel: the family's kernel choice (see `hear_msm.create_model`); each family names its values.
     device: None (CPU), "cpu", "cuda[:index]" or "mps"; refused when absent on this machine.
+    precision: "fp32" (default) or "bf16" (CPU with native bfloat16 only; see `hear_msm._precision`);
+        embeddings are float32 either way.
     """
     from . import create_model
+    from ._precision import check_precision
 
     device = check_device(device) if device is not None else None  # before any weights are read
-    model = create_model(arch, pretrained=os.fspath(model_file_path) or True, kernel=kernel)
+    check_precision(precision, device)
+    model = create_model(arch, pretrained=os.fspath(model_file_path) or True, kernel=kernel, precision=precision)
     runtime = HearModel(model, layout=layout, max_batch_chunks=max_batch_chunks, weights=model.weights_source,
                         sequence=sequence, segment_tokens=segment_tokens, positions=positions)
     return runtime.to(device) if device is not None else runtime

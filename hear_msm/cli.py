@@ -80,8 +80,9 @@ def _cmd_embed(args) -> int:
     if missing:
         raise FileNotFoundError(f"no such audio file(s): {', '.join(missing)}")
     model = load_hear_model(args.model, args.weights, layout=args.layout,
-                            max_batch_chunks=args.max_batch_chunks, device=args.device)
-    print(f"model {args.model}, weights: {model.weights}, layout {args.layout}", file=sys.stderr)
+                            max_batch_chunks=args.max_batch_chunks, device=args.device, precision=args.precision)
+    print(f"model {args.model}, weights: {model.weights}, layout {args.layout}, precision {args.precision}",
+          file=sys.stderr)
     result: dict[str, np.ndarray] = {}
     scenes = []
     for index, path in enumerate(tqdm(files, desc="embedding", unit="file")):
@@ -102,7 +103,8 @@ def _cmd_embed(args) -> int:
         with atomic_write(out) as handle:  # a failed write leaves an existing --out as it was
             np.savez(
                 handle, files=np.array([str(f) for f in files]), scene_embeddings=np.stack(scenes),
-                model=np.array(args.model), weights=np.array(model.weights), layout=np.array(args.layout), **result,
+                model=np.array(args.model), weights=np.array(model.weights), layout=np.array(args.layout),
+                precision=np.array(args.precision), **result,
             )
     except OSError as error:
         raise _write_failed(out, error, existed) from None
@@ -182,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-chunks", type=int, default=None,
                    help="2 s chunks per encoder batch (default: 4 on CPU, 32 on GPU)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="'bf16': bfloat16 matmuls on CPUs with native bfloat16 (AVX512-BF16, AMX), faster, "
+                   "embeddings float32 (README: when to use it)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=_cmd_embed)
 
