@@ -3,7 +3,7 @@
     python -m eval.run --models ssam_tiny,axlstm_tiny,hearbaseline.torchcrepe \\
         --tasks-dir TASKS --out OUT [--seeds 10] [--grid default|fast|faster] [--grid-points N] \\
         [--tasks E50,nsynth_pitch-v2.2.3-5h,...] [--weights ssam_tiny=PATH_OR_SOURCE ...] \\
-        [--layout time|official]
+        [--layout time|official] [--compile]
 
 Per model and task: heareval's embeddings runner once (a subprocess:
 `python -m heareval.embeddings.runner`), then heareval's predictions runner once per seed
@@ -27,7 +27,9 @@ Models: a hear_msm architecture name (`ssam_tiny` -> module hear_msm.ssam_tiny, 
 weights unless --weights names others) or any importable HEAR module (`hearbaseline.torchcrepe`).
 --layout official selects the authors' frame layout of the hear_msm modules (needed to
 reproduce the published numbers; other modules ignore it); the model's name then gets a
-`+official` suffix so both layouts can share one OUT.
+`+official` suffix so both layouts can share one OUT. --compile loads the hear_msm modules with
+`compile=True` (torch.compile, cached on disk per machine and model; same embeddings up to float
+rounding, recorded in model.json).
 Tasks: by default the papers' ten (missing ones are reported and skipped) and any other task
 folder in TASKS; --tasks takes folder names or the papers' abbreviations.
 """
@@ -73,8 +75,8 @@ def hear_msm_archs() -> list[str]:
     return list_models()
 
 
-def parse_models(names: str, weights: list[str], layout: str) -> list[ModelSpec]:
-    """ModelSpecs for --models, --weights NAME=SOURCE and --layout; ValueError on bad input."""
+def parse_models(names: str, weights: list[str], layout: str, compile: bool = False) -> list[ModelSpec]:
+    """ModelSpecs for --models, --weights NAME=SOURCE, --layout and --compile; ValueError on bad input."""
     archs = hear_msm_archs()
     sources = {}
     for item in weights or []:
@@ -91,6 +93,8 @@ def parse_models(names: str, weights: list[str], layout: str) -> list[ModelSpec]
             if layout != "time":
                 options["layout"] = layout
                 label = f"{name}+{layout}"
+            if compile:
+                options["compile"] = True
         else:
             module, label, options = name, name, {}
             if importlib.util.find_spec(name.split(".")[0]) is None or importlib.util.find_spec(name) is None:
@@ -220,11 +224,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights for a model: path, hf://org/repo@rev or arch.tag (repeatable)")
     parser.add_argument("--layout", default="time", choices=("time", "official"),
                         help="hear_msm frame layout; 'official' reproduces the published numbers")
+    parser.add_argument("--compile", action="store_true",
+                        help="hear_msm models: torch.compile the encoder (pays off for long evaluations)")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.grid_points < 1:
         parser.error("--seeds and --grid-points must be at least 1")
     try:
-        specs = parse_models(args.models, args.weights, args.layout)
+        specs = parse_models(args.models, args.weights, args.layout, args.compile)
         task_paths, missing = resolve_tasks(args.tasks_dir, args.tasks.split(",") if args.tasks else None)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))

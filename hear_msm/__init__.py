@@ -31,7 +31,8 @@ __all__ = [
 ]
 
 
-def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto") -> MaskedSpectrogramModel:
+def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto",
+                 compile: bool = False) -> MaskedSpectrogramModel:
     """Build a registered architecture, optionally with weights.
 
     name: an architecture from `list_models()`, or "arch.tag" to load that weight tag.
@@ -47,7 +48,11 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
         the compiled CPU kernel for inference on CPU (bit-identical), "cpu" demands it,
         "reference" keeps xlstm's PyTorch form. SSAST, "auto" | "reference" (one attention path).
         SSAMBA as SSAM (both scan directions).
+    compile: True compiles `forward_features` with torch.compile for inference (the first call per
+        input shape compiles; the result is cached on disk per machine and architecture). For long
+        evaluations; see `hear_msm._compile`.
     """
+    from ._compile import check_compile, compile_encoder
     from .models.registry import model_builder
 
     if not isinstance(name, str):
@@ -63,27 +68,32 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
         if pretrained not in (False, True, ""):
             raise ValueError(f"{name!r} already names weights; do not pass pretrained={pretrained!r} as well")
         pretrained = f"{arch}.{tag}"
+    check_compile(compile)
     builder = model_builder(arch)
     model = builder(kernel=kernel)
     if pretrained is False:
-        return model
+        return compile_encoder(model) if compile else model
     from ._weights import load_state_strict, load_weights
 
     weights = load_weights("" if pretrained is True else pretrained, arch=arch)
     load_state_strict(model, weights)
     model.weights_source = weights.source
     model.weights_facts = weights.facts
-    return model
+    return compile_encoder(model) if compile else model
 
 
-def load_model(source: str | os.PathLike, kernel: str = "auto") -> MaskedSpectrogramModel:
+def load_model(source: str | os.PathLike, kernel: str = "auto", compile: bool = False) -> MaskedSpectrogramModel:
     """Load a model from weights alone; the architecture comes from the weights.
 
     source: our format (folder with config.json + model.safetensors, or the .safetensors file),
         "hf://org/repo[@revision]", "hf://org/repo/file.pth[@revision]", an official run folder or
         .pth checkpoint (read without executing pickle code), or "arch.tag" (a registered tag,
         downloaded on first use if it is not shipped).
+    kernel, compile: as in `create_model`.
     """
+    from ._compile import check_compile, compile_encoder
     from ._weights import instantiate, load_weights
 
-    return instantiate(load_weights(source), kernel=kernel)
+    check_compile(compile)
+    model = instantiate(load_weights(source), kernel=kernel)
+    return compile_encoder(model) if compile else model

@@ -396,7 +396,8 @@ def validate_audio(audio, min_samples: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ HEAR API
 def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", max_batch_chunks: int | None = None,
                     kernel: str = "auto", device: str | torch.device | None = None,
-                    sequence: str = "chunked", segment_tokens: int = 8192, positions: str = "auto") -> HearModel:
+                    sequence: str = "chunked", segment_tokens: int = 8192, positions: str = "auto",
+                    compile: bool = False) -> HearModel:
     """The HEAR `load_model` of every `hear_msm.<arch>` module.
 
     model_file_path: "" for the architecture's default weights, or any weight source
@@ -414,11 +415,13 @@ def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", 
         with sequence="chunked" only "auto" is accepted.
     kernel: the family's kernel choice (see `hear_msm.create_model`); each family names its values.
     device: None (CPU), "cpu", "cuda[:index]" or "mps"; refused when absent on this machine.
+    compile: True compiles the chunk encoder with torch.compile (`hear_msm._compile`): worth it for
+        long evaluations (compiled once per machine and architecture, then cached on disk).
     """
     from . import create_model
 
     device = check_device(device) if device is not None else None  # before any weights are read
-    model = create_model(arch, pretrained=os.fspath(model_file_path) or True, kernel=kernel)
+    model = create_model(arch, pretrained=os.fspath(model_file_path) or True, kernel=kernel, compile=compile)
     runtime = HearModel(model, layout=layout, max_batch_chunks=max_batch_chunks, weights=model.weights_source,
                         sequence=sequence, segment_tokens=segment_tokens, positions=positions)
     return runtime.to(device) if device is not None else runtime

@@ -80,7 +80,7 @@ def _cmd_embed(args) -> int:
     if missing:
         raise FileNotFoundError(f"no such audio file(s): {', '.join(missing)}")
     model = load_hear_model(args.model, args.weights, layout=args.layout,
-                            max_batch_chunks=args.max_batch_chunks, device=args.device)
+                            max_batch_chunks=args.max_batch_chunks, device=args.device, compile=args.compile)
     print(f"model {args.model}, weights: {model.weights}, layout {args.layout}", file=sys.stderr)
     result: dict[str, np.ndarray] = {}
     scenes = []
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-chunks", type=int, default=None,
                    help="2 s chunks per encoder batch (default: 4 on CPU, 32 on GPU)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder: pays off for many or long "
+                   "files (compiled once per machine and model, cached in $HEAR_MSM_CACHE)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=_cmd_embed)
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .compiled import CompiledKernel
+from .compiled import CompiledKernel, c_entry_point
 
 _SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
 
@@ -135,6 +135,7 @@ def resolve(kernel: str, tensor_is_cuda: bool) -> str:
     return "cpu" if use_cpu_kernel(kernel, tensor_is_cuda) else "reference"
 
 
+@c_entry_point
 def selective_scan_cpu(u, delta, A, B, C, D, state: torch.Tensor | None = None):
     """Compiled selective scan; same contract as `selective_scan_reference(..., return_state=True)`.
 
@@ -145,6 +146,7 @@ def selective_scan_cpu(u, delta, A, B, C, D, state: torch.Tensor | None = None):
     return _forward(_library_or_raise(), (u, delta, A, B, C, D), state, torch.float32)
 
 
+@c_entry_point
 def selective_scan_cpu_autograd(u, delta, A, B, C, D):
     """Compiled selective scan with a compiled backward: y [batch, L, E] from a zero initial state,
     differentiable in u, delta, A, B, C and D. Computes in float64 when u is float64 (for
