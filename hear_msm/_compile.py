@@ -64,15 +64,22 @@ class CompiledForward:
             return self.eager(spectrogram)
         if spectrogram.ndim and spectrogram.shape[0] >= 2:
             # one graph for every batch of >= 2 chunks (sizes 0 and 1 are always specialised)
-            torch._dynamo.mark_dynamic(spectrogram, 0, min=2)
+            torch._dynamo.mark_dynamic(spectrogram, 0)
         try:
             return self.compiled(spectrogram)
         except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
             result = self.eager(spectrogram)  # an error of the input itself is raised here, unwarned
-            self.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+            self.failure = _reason(error)
             warnings.warn(f"hear_msm: compile=True could not compile {self.label} ({self.failure}); "
                           "running it eagerly (same results, no speed-up)", RuntimeWarning, stacklevel=2)
             return result
+
+
+def _reason(error: BaseException) -> str:
+    """The root cause of a compiler error in one line: dynamo wraps the backend's exception."""
+    root = getattr(error, "inner_exception", None) or error.__cause__ or error
+    lines = [line for line in str(root).splitlines() if line.strip()]
+    return f"{type(root).__name__}: {lines[0].strip()[:300] if lines else ''}"
 
 
 def compile_encoder(encoder: nn.Module, backend: str | Callable = "inductor") -> nn.Module:

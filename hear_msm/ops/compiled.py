@@ -128,10 +128,12 @@ class CompiledKernel:
 
     def load(self) -> ctypes.CDLL | None:
         """The compiled library, building it on first call; None (with one warning) if it cannot be built."""
+        if self._tried:  # set after _library: no lock once decided (torch.compile cannot trace a lock)
+            return self._library
         with self._lock:
             if not self._tried:
-                self._tried = True
                 if os.environ.get("HEAR_MSM_NO_CPU_KERNEL"):
+                    self._tried = True
                     return None
                 try:
                     self._library = self._build()
@@ -142,6 +144,7 @@ class CompiledKernel:
                         f"{detail.decode(errors='replace')[:500]}); using {self.fallback}",
                         RuntimeWarning, stacklevel=4,
                     )
+                self._tried = True
             return self._library
 
     def thread_pool(self, threads: int) -> ThreadPoolExecutor:
