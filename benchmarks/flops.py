@@ -6,6 +6,7 @@ For each thread count: the fp32 rate of a plain matmul of the shapes the model u
 on SSAST-tiny's shapes; and SSAST-tiny's whole forward (batch of 2 s chunks, analytic FLOP count:
 every Linear, the attention products and the patch projection; elementwise work not counted),
 and the HEAR extraction (4 clips x 10 s, default batching) with the same count per 2 s chunk.
+--compile adds both again with `compile=True` (torch.compile; compiled before timing).
 
     python benchmarks/flops.py --threads 1 2 --out benchmarks/results/flops.json
 """
@@ -27,7 +28,7 @@ def ssast_flops_per_chunk(config) -> float:
     return config.depth * per_layer + 2 * config.num_patches * config.patch_dim * dim
 
 
-def measure(threads: int, chunks: int) -> list[dict]:
+def measure(threads: int, chunks: int, compiled: bool = False) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
     for m, k, n in [(chunks * 251, 192, 768), (1024, 1024, 1024)]:
@@ -37,19 +38,21 @@ def measure(threads: int, chunks: int) -> list[dict]:
     q, k, v = (torch.randn(chunks, 3, 251, 64) for _ in range(3))
     seconds = best_time(lambda: F.scaled_dot_product_attention(q, k, v), repeats=5, min_seconds=0.5)
     rows.append({"what": "sdpa [B,3,251,64]", "gflops": 2 * 2 * chunks * 3 * 251 * 251 * 64 / seconds / 1e9})
-    model = hear_msm.create_model("ssast_tiny").eval()
-    x = torch.randn(chunks, 1, 200, 80)
-    with torch.no_grad():
-        seconds = best_time(lambda: model.forward_features(x), repeats=3, min_seconds=1.0)
-    flops = chunks * ssast_flops_per_chunk(model.config)
-    rows.append({"what": f"ssast_tiny forward, {chunks} chunks", "gflops": flops / seconds / 1e9,
-                 "x_realtime": 2.0 * chunks / seconds})
-    # the HEAR extraction itself (default batching), 4 clips of 10 s = 20 chunks of 2 s
-    runtime = HearModel(model)
-    audio = 0.1 * torch.randn(4, 160000, generator=torch.Generator().manual_seed(0))
-    seconds = best_time(lambda: runtime.timestamp_embeddings(audio), repeats=2)
-    flops = 20 * ssast_flops_per_chunk(model.config)
-    rows.append({"what": "ssast_tiny HEAR extraction", "gflops": flops / seconds / 1e9, "x_realtime": 40.0 / seconds})
+    for use_compile in (False, True) if compiled else (False,):
+        model = hear_msm.create_model("ssast_tiny", compile=use_compile).eval()
+        name = "ssast_tiny compiled" if use_compile else "ssast_tiny"
+        x = torch.randn(chunks, 1, 200, 80)
+        with torch.no_grad():  # best_time's warm-up call compiles
+            seconds = best_time(lambda: model.forward_features(x), repeats=3, min_seconds=1.0)
+        flops = chunks * ssast_flops_per_chunk(model.config)
+        rows.append({"what": f"{name} forward, {chunks} chunks", "gflops": flops / seconds / 1e9,
+                     "x_realtime": 2.0 * chunks / seconds})
+        # the HEAR extraction itself (default batching), 4 clips of 10 s = 20 chunks of 2 s
+        runtime = HearModel(model)
+        audio = 0.1 * torch.randn(4, 160000, generator=torch.Generator().manual_seed(0))
+        seconds = best_time(lambda: runtime.timestamp_embeddings(audio), repeats=2)
+        flops = 20 * ssast_flops_per_chunk(model.config)
+        rows.append({"what": f"{name} HEAR extraction", "gflops": flops / seconds / 1e9, "x_realtime": 40.0 / seconds})
     reference = rows[0]["gflops"]
     for row in rows:
         row["threads"] = threads
@@ -61,12 +64,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--chunks", type=int, default=16, help="2 s chunks per forward (batch)")
+    parser.add_argument("--compile", action="store_true", help="also measure SSAST-tiny with compile=True")
     parser.add_argument("--out", default="benchmarks/results/flops.json")
     args = parser.parse_args()
     rows = []
     for i, threads in enumerate(args.threads):
         progress(i, len(args.threads), f"{threads} thread(s)")
-        rows += measure(threads, args.chunks)
+        rows += measure(threads, args.chunks, args.compile)
     progress(len(args.threads), len(args.threads), "done")
     print(table(rows, ["threads", "what", "gflops", "of_matmul", "x_realtime"]))
     write_json(args.out, {"chunks": args.chunks, "rows": rows})

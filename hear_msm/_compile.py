@@ -50,9 +50,11 @@ class CompiledForward:
     or a callable, e.g. one that raises, to test the fallback); label: the model's name in the warning.
     """
 
-    def __init__(self, eager: Callable, backend: str | Callable = "inductor", label: str = "encoder"):
+    def __init__(self, eager: Callable, backend: str | Callable = "inductor", label: str = "encoder",
+                 dynamic_batch: bool = True):
         self.eager = eager
         self.label = label
+        self.dynamic_batch = dynamic_batch  # False: one graph per batch size (benchmarks compare the two)
         self.failure: str | None = None  # why compilation failed; set once, then eager for good
         # inductor reads the variable whenever it touches its cache, so it must be set before the first compile
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
@@ -62,7 +64,7 @@ class CompiledForward:
     def __call__(self, spectrogram: torch.Tensor) -> torch.Tensor:
         if self.failure is not None or torch.is_grad_enabled():
             return self.eager(spectrogram)
-        if spectrogram.ndim and spectrogram.shape[0] >= 2:
+        if self.dynamic_batch and spectrogram.ndim and spectrogram.shape[0] >= 2:
             # one graph for every batch of >= 2 chunks (sizes 0 and 1 are always specialised)
             torch._dynamo.mark_dynamic(spectrogram, 0)
         try:
@@ -82,14 +84,15 @@ def _reason(error: BaseException) -> str:
     return f"{type(root).__name__}: {lines[0].strip()[:300] if lines else ''}"
 
 
-def compile_encoder(encoder: nn.Module, backend: str | Callable = "inductor") -> nn.Module:
+def compile_encoder(encoder: nn.Module, backend: str | Callable = "inductor", dynamic_batch: bool = True) -> nn.Module:
     """Compile `encoder.forward_features` in place (see the module docstring) and return the encoder.
 
     Idempotent: an encoder compiled already is returned as it is."""
     if isinstance(encoder.__dict__.get("forward_features"), CompiledForward):
         return encoder
     label = getattr(getattr(encoder, "config", None), "arch", type(encoder).__name__)
-    encoder.forward_features = CompiledForward(encoder.forward_features, backend=backend, label=label)
+    encoder.forward_features = CompiledForward(encoder.forward_features, backend=backend, label=label,
+                                               dynamic_batch=dynamic_batch)
     return encoder
 
 
