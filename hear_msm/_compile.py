@@ -16,7 +16,8 @@ every checkpoint of an architecture shares it.
 
 Shapes: HEAR chunk batches have `max_batch_chunks` chunks, the last batch of a call fewer. The batch
 dimension is marked dynamic for batches of two or more, so they share one graph; a batch of one
-gets its own (torch specialises sizes 0 and 1). At most two compilations per model and process.
+gets its own (torch specialises sizes 0 and 1). Inputs are made contiguous first, so that the
+caller's memory layout does not matter. At most two compilations per model and process.
 
 The C kernels of SSAM (selective scan) and AxLSTM (mLSTM cell) stay eager, outside the graph
 (`hear_msm.ops.compiled.c_entry_point`): the graph is broken around each call and the PyTorch
@@ -64,6 +65,9 @@ class CompiledForward:
     def __call__(self, spectrogram: torch.Tensor) -> torch.Tensor:
         if self.failure is not None or torch.is_grad_enabled():
             return self.eager(spectrogram)
+        # one memory layout for every caller (the HEAR runtime passes a transposed view): a graph
+        # is specialised to its input strides, and the copy is 64 kB per chunk
+        spectrogram = spectrogram.contiguous()
         if self.dynamic_batch and spectrogram.ndim and spectrogram.shape[0] >= 2:
             # one graph for every batch of >= 2 chunks (sizes 0 and 1 are always specialised)
             torch._dynamo.mark_dynamic(spectrogram, 0)

@@ -77,15 +77,18 @@ def test_one_graph_for_every_batch_of_two_or_more():
     torch._dynamo.reset()
     counters.clear()
     runtime, reference = HearModel(model, max_batch_chunks=4), HearModel(eager, max_batch_chunks=4)
-    audio = 0.1 * torch.randn(2, 160000, generator=torch.Generator().manual_seed(2))  # 5 chunks: calls of 4 and 1
-    compiled_embeddings, _ = runtime.timestamp_embeddings(audio)
-    eager_embeddings, _ = reference.timestamp_embeddings(audio)
-    assert counters["stats"]["unique_graphs"] == 2
-    torch.testing.assert_close(compiled_embeddings, eager_embeddings, rtol=0, atol=1e-4)
-    with torch.no_grad():
-        for batch in (3, 2, 4):
+    generator = torch.Generator().manual_seed(2)
+    # 10 s clips: 5 chunks each, calls of 4 and 1; then 6 s and 4 s clips: calls of 3 and of 2
+    for seconds in (10, 6, 4):
+        audio = 0.1 * torch.randn(2, 16000 * seconds, generator=generator)
+        compiled_embeddings, _ = runtime.timestamp_embeddings(audio)
+        eager_embeddings, _ = reference.timestamp_embeddings(audio)
+        torch.testing.assert_close(compiled_embeddings, eager_embeddings, rtol=0, atol=1e-4)
+        assert counters["stats"]["unique_graphs"] == 2, f"{seconds} s clips: a new batch size compiled again"
+    with torch.no_grad():  # contiguous input (the runtime's is a transposed view): the same graphs
+        for batch in (3, 1):
             model.forward_features(chunks(batch))
-    assert counters["stats"]["unique_graphs"] == 2, "a new batch size compiled again"
+    assert counters["stats"]["unique_graphs"] == 2, "another memory layout compiled again"
     assert model.forward_features.failure is None
 
 
