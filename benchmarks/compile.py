@@ -4,7 +4,9 @@
 Per model, two fresh processes share one new, empty cache folder ($HEAR_MSM_CACHE):
 
   cold   the first process compiles into the empty cache: `compile_s` = its first HEAR call (which
-         compiles every batch shape the call meets) minus a steady compiled call of the same audio.
+         compiles every batch shape the call meets) minus a steady compiled call of the same audio,
+         in wall seconds and in CPU seconds of the process and the C++ compiler runs (inductor
+         compiles in-process here, TORCHINDUCTOR_COMPILE_THREADS=1: the CPU time does not depend on load).
   warm   the second process, same model and cache: the same measurement; inductor's FX graph cache
          hits (counted), so only dynamo's tracing and loading remain.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,18 +46,21 @@ def one_process(arch: str, clips: int, seconds: float, rounds: int, clock: str, 
 
     torch.set_num_threads(1)
     audio = 0.1 * torch.randn(clips, int(16000 * seconds), generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    eager = HearModel(hear_msm.create_model(arch))
-    compiled = HearModel(compile_encoder(hear_msm.create_model(arch)))
+    def model():
+        torch.manual_seed(0)  # the same weights in every variant
+        return hear_msm.create_model(arch)
+
+    eager = HearModel(model())
+    compiled = HearModel(compile_encoder(model()))
     eager.timestamp_embeddings(audio)  # C kernels built, allocator warm
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     ours, _ = compiled.timestamp_embeddings(audio)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
+    first, first_cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    start, cpu = time.perf_counter(), cpu_seconds()
     compiled.timestamp_embeddings(audio)
-    steady = time.perf_counter() - start
+    steady, steady_cpu = time.perf_counter() - start, cpu_seconds() - cpu
     counters = torch._dynamo.utils.counters
-    result = {"model": arch, "compile_s": first - steady, "first_call_s": first,
+    result = {"model": arch, "compile_s": first - steady, "compile_cpu_s": first_cpu - steady_cpu, "first_call_s": first,
               "fx_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
               "fx_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
               "graphs": counters["stats"]["unique_graphs"], "failure": compiled.encoder.forward_features.failure,
@@ -62,7 +68,7 @@ def one_process(arch: str, clips: int, seconds: float, rounds: int, clock: str, 
     if rounds:
         variants = {"eager": eager, "compiled": compiled}
         if static:
-            variants["static"] = HearModel(compile_encoder(hear_msm.create_model(arch), dynamic_batch=False))
+            variants["static"] = HearModel(compile_encoder(model(), dynamic_batch=False))
             variants["static"].timestamp_embeddings(audio)
         tick = CLOCKS[clock]
         times = {name: [] for name in variants}
@@ -75,10 +81,17 @@ def one_process(arch: str, clips: int, seconds: float, rounds: int, clock: str, 
     return result
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the C++ compiler runs), in seconds."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def child(arch: str, cache: str, args, rounds: int) -> dict:
     command = [sys.executable, __file__, "--one", arch, "--clips", str(args.clips), "--seconds", str(args.seconds),
                "--rounds", str(rounds), "--clock", args.clock] + (["--static"] if args.static else [])
-    env = {**os.environ, "HEAR_MSM_CACHE": cache, "OMP_NUM_THREADS": "1"}
+    # compile in this process (no worker pool), so its CPU time is counted (a load-independent measure)
+    env = {**os.environ, "HEAR_MSM_CACHE": cache, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -109,6 +122,7 @@ def main():
             warm = child(arch, cache, args, rounds=args.rounds)
         rounds = warm.pop("rounds")
         row = {"model": arch, "compile_cold_s": cold["compile_s"], "compile_warm_s": warm["compile_s"],
+               "compile_cold_cpu_s": cold["compile_cpu_s"], "compile_warm_cpu_s": warm["compile_cpu_s"],
                "graphs": warm["graphs"], "cold_fx_miss": cold["fx_cache_miss"], "warm_fx_hit": warm["fx_cache_hit"],
                "warm_fx_miss": warm["fx_cache_miss"], "max_abs_diff": warm["max_abs_diff"],
                "failure": warm["failure"] or cold["failure"], "rounds": rounds}
@@ -118,16 +132,18 @@ def main():
                 row[f"{name}_vs_eager"] = statistics.median(c / e for c, e in zip(values, rounds["eager"]))
         # seconds of audio after which the cold / warm compile has paid for itself
         gain = 1 / row["eager_x_rt"] - 1 / row["compiled_x_rt"]  # seconds saved per second of audio
-        row["break_even_cold_audio_h"] = row["compile_cold_s"] / gain / 3600 if gain > 0 else None
-        row["break_even_warm_audio_h"] = row["compile_warm_s"] / gain / 3600 if gain > 0 else None
+        row["break_even_cold_audio_h"] = row["compile_cold_cpu_s"] / gain / 3600 if gain > 0 else None
+        row["break_even_warm_audio_h"] = row["compile_warm_cpu_s"] / gain / 3600 if gain > 0 else None
         rows.append(row)
     progress(1, 1, "done")
-    columns = ["model", "compile_cold_s", "compile_warm_s", "graphs", "warm_fx_hit", "eager_x_rt", "compiled_x_rt",
+    columns = ["model", "compile_cold_cpu_s", "compile_warm_cpu_s", "compile_cold_s", "compile_warm_s", "graphs", "warm_fx_hit", "eager_x_rt", "compiled_x_rt",
                "compiled_vs_eager"] + (["static_vs_eager"] if args.static else []) + \
-              ["break_even_warm_audio_h", "max_abs_diff"]
+              ["break_even_cold_audio_h", "break_even_warm_audio_h", "max_abs_diff"]
     print(table(rows, columns))
     print(f"clock {args.clock}, one thread, {args.clips} clips x {args.seconds:g} s, medians over {args.rounds} "
-          "interleaved rounds, ratios paired within rounds; compile times are wall seconds")
+          "interleaved rounds, ratios paired within rounds; compile times: CPU seconds of the process and the C++ "
+          "compiler (one compile thread), and wall seconds; break-even: hours of audio after which the compile "
+          "CPU time is repaid")
     write_json(args.out, {"clips": args.clips, "seconds": args.seconds, "clock": args.clock, "rounds": args.rounds,
                           "rows": rows})
 

@@ -43,7 +43,13 @@ def compiled_error_bound(model, inputs: torch.Tensor, label: str) -> tuple[torch
         model.float()
         compile_encoder(model)
         compiled = model.forward_features(inputs)
-    assert model.forward_features.failure is None, model.forward_features.failure
+    failure = model.forward_features.failure
+    if failure and "CppCompileError" in failure and os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        # torch 2.9.1's inductor emits vector code (transpose_mxn) for the dynamic-batch graph that
+        # does not build at the default ISA level: the fallback must then give the eager result
+        assert torch.equal(compiled, eager)
+        pytest.skip(f"inductor cannot build this graph at ATEN_CPU_CAPABILITY=default ({failure}); fell back to eager")
+    assert failure is None, failure
     assert_float64_anchored(label, compiled, eager, reference, floor=1e-6)
     return eager, reference
 
