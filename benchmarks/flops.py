@@ -13,13 +13,15 @@ and the HEAR extraction (4 clips x 10 s, default batching) with the same count p
 from __future__ import annotations
 
 import argparse
+import functools
+import time
 
 import torch
 import torch.nn.functional as F
 
 import hear_msm
 from hear_msm._hear import HearModel
-from _util import best_time, progress, table, write_json
+from _util import best_time as best_time_of, progress, table, write_json
 
 
 def ssast_flops_per_chunk(config) -> float:
@@ -28,8 +30,9 @@ def ssast_flops_per_chunk(config) -> float:
     return config.depth * per_layer + 2 * config.num_patches * config.patch_dim * dim
 
 
-def measure(threads: int, chunks: int, compiled: bool = False) -> list[dict]:
+def measure(threads: int, chunks: int, compiled: bool = False, clock=time.perf_counter) -> list[dict]:
     torch.set_num_threads(threads)
+    best_time = functools.partial(best_time_of, clock=clock)
     rows = []
     for m, k, n in [(chunks * 251, 192, 768), (1024, 1024, 1024)]:
         a, b = torch.randn(m, k), torch.randn(k, n)
@@ -65,15 +68,20 @@ def main():
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--chunks", type=int, default=16, help="2 s chunks per forward (batch)")
     parser.add_argument("--compile", action="store_true", help="also measure SSAST-tiny with compile=True")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="wall time, or this thread's CPU time (one thread only; for a loaded machine)")
     parser.add_argument("--out", default="benchmarks/results/flops.json")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != [1]:
+        parser.error("--clock cpu measures one thread's CPU time: use it with --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     rows = []
     for i, threads in enumerate(args.threads):
         progress(i, len(args.threads), f"{threads} thread(s)")
-        rows += measure(threads, args.chunks, args.compile)
+        rows += measure(threads, args.chunks, args.compile, clock)
     progress(len(args.threads), len(args.threads), "done")
     print(table(rows, ["threads", "what", "gflops", "of_matmul", "x_realtime"]))
-    write_json(args.out, {"chunks": args.chunks, "rows": rows})
+    write_json(args.out, {"chunks": args.chunks, "clock": args.clock, "rows": rows})
 
 
 if __name__ == "__main__":
