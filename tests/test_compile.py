@@ -172,3 +172,16 @@ def test_second_process_reuses_the_on_disk_cache(tmp_path):
     assert second["hit"] >= 1 and second["miss"] == 0, second
     for result in (first, second):  # weights are graph inputs: the cached graph serves other weights
         assert result["failure"] is None and result["max_diff"] < 1e-4, result
+
+
+def test_command_line_options_pass_compile():
+    from eval.run import parse_models
+    from hear_msm.cli import build_parser
+
+    args = build_parser().parse_args(["embed", "a.wav", "--model", "ssast_tiny", "--out", "a.npz", "--compile"])
+    assert args.compile is True
+    assert build_parser().parse_args(["embed", "a.wav", "--model", "ssast_tiny", "--out", "a.npz"]).compile is False
+    (spec,) = parse_models("ssam_tiny", [], "time", compile=True)
+    assert spec.label == "ssam_tiny" and spec.options == {"compile": True}
+    (spec,) = parse_models("json", [], "time", compile=True)  # other HEAR modules know no such option
+    assert spec.options == {}
