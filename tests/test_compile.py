@@ -155,6 +155,7 @@ print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": coun
 """
 
 
+@pytest.mark.slow
 def test_second_process_reuses_the_on_disk_cache(tmp_path):
     """Compiled once per machine and architecture: a new process (other weights) builds nothing."""
     env = {**os.environ, "HEAR_MSM_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1",
