@@ -8,8 +8,8 @@ runs eagerly.
 
 Cost and cache: the first call of each input shape compiles (tens of seconds for a tiny model).
 Inductor's on-disk caches (FX graph cache, AOTAutograd cache, the built C++ libraries) are kept in
-`<hear_msm cache>/inductor` (`$HEAR_MSM_CACHE`, default ~/.cache/hear_msm; an explicit
-`$TORCHINDUCTOR_CACHE_DIR` wins), so a later process with the same model and torch re-traces the
+`<hear_msm cache>/inductor` (`$HEAR_MSM_CACHE`, default ~/.cache/hear_msm; `$TORCHINDUCTOR_CACHE_DIR`
+wins when set, by the user or by an earlier torch.compile in the process), so a later process with the same model and torch re-traces the
 graph but builds nothing: compile cost is paid once per machine and model, not per process.
 The graph depends on the architecture, not on the weights (they stay inputs of the graph), so
 every checkpoint of an architecture shares it.
@@ -17,7 +17,8 @@ every checkpoint of an architecture shares it.
 Shapes: HEAR chunk batches have `max_batch_chunks` chunks, the last batch of a call fewer. The batch
 dimension is marked dynamic for batches of two or more, so they share one graph; a batch of one
 gets its own (torch specialises sizes 0 and 1). Inputs are made contiguous first, so that the
-caller's memory layout does not matter. At most two compilations per model and process.
+caller's memory layout does not matter. So a process compiles each model at most twice (for SSAM /
+AxLSTM each time one graph per piece between C kernel calls).
 
 The C kernels of SSAM (selective scan) and AxLSTM (mLSTM cell) stay eager, outside the graph
 (`hear_msm.ops.compiled.c_entry_point`): the graph is broken around each call and the PyTorch
