@@ -9,7 +9,8 @@ every Linear, the attention products and the patch projection; elementwise work 
 and the HEAR extraction (4 clips x 10 s, default batching) with the same count per 2 s chunk.
 
 `--kernels reference auto` measures the model rows once per SSAST kernel (the plain PyTorch
-block and the default CPU inference path, `hear_msm.models.transformer.resolve`), so a change is
+block and the default CPU inference path, `hear_msm.models.transformer.resolve`; `compiled` is
+`compile=True`, compiled in the warm-up call), so a change is
 compared before/after in one run. Every measurement is timed once per round, the rounds
 interleaved (order reversed every other round) so that a busy spell of a shared machine falls on
 all of them; reported: the best round (noise only slows a run down), the ratio of medians
@@ -66,7 +67,9 @@ def jobs(chunks: int, kernels: list[str]) -> list[dict]:
     audio = 0.1 * torch.randn(4, 160000, generator=torch.Generator().manual_seed(0))
     for kernel in kernels:
         torch.manual_seed(0)
-        model = hear_msm.create_model("ssast_tiny", kernel=kernel).eval()
+        # "compiled": compile=True (torch.compile of the default block; compiled in the warm-up call)
+        options = {"compile": True} if kernel == "compiled" else {"kernel": kernel}
+        model = hear_msm.create_model("ssast_tiny", **options).eval()
         per_chunk = ssast_flops_per_chunk(model.config)
         out.append({"what": f"ssast_tiny forward, {chunks} chunks", "kernel": kernel, "flops": chunks * per_chunk,
                     "audio": 2.0 * chunks, "run": lambda model=model: model.forward_features(x)})
@@ -113,7 +116,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--chunks", type=int, default=16, help="2 s chunks per forward (batch)")
-    parser.add_argument("--kernels", nargs="+", default=["auto"], help="SSAST kernels to measure (interleaved)")
+    parser.add_argument("--kernels", nargs="+", default=["auto"], help="SSAST kernels to measure (interleaved): auto, onednn, reference, "
+                        "or compiled (compile=True)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (best reported)")
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS), help="wall time, or this thread's CPU time")
     parser.add_argument("--out", default="benchmarks/results/flops.json")

@@ -3,7 +3,7 @@
     python -m eval.run --models ssam_tiny,axlstm_tiny,hearbaseline.torchcrepe \\
         --tasks-dir TASKS --out OUT [--seeds 10] [--grid default|fast|faster] [--grid-points N] \\
         [--tasks E50,nsynth_pitch-v2.2.3-5h,...] [--weights ssam_tiny=PATH_OR_SOURCE ...] \\
-        [--layout time|official] [--precision fp32|bf16]
+        [--layout time|official] [--precision fp32|bf16] [--compile]
 
 Per model and task: heareval's embeddings runner once (a subprocess:
 `python -m heareval.embeddings.runner`), then heareval's predictions runner once per seed
@@ -29,6 +29,8 @@ weights unless --weights names others) or any importable HEAR module (`hearbasel
 reproduce the published numbers; other modules ignore it); the model's name then gets a
 `+official` suffix so both layouts can share one OUT. --precision bf16 likewise loads the hear_msm
 modules with `precision="bf16"` (`+bf16` suffix).
+--compile loads the hear_msm modules with `compile=True` (torch.compile, cached on disk per machine
+and model; same embeddings up to float rounding, recorded in model.json).
 Tasks: by default the papers' ten (missing ones are reported and skipped) and any other task
 folder in TASKS; --tasks takes folder names or the papers' abbreviations.
 """
@@ -74,8 +76,9 @@ def hear_msm_archs() -> list[str]:
     return list_models()
 
 
-def parse_models(names: str, weights: list[str], layout: str, precision: str = "fp32") -> list[ModelSpec]:
-    """ModelSpecs for --models, --weights NAME=SOURCE, --layout and --precision; ValueError on bad input."""
+def parse_models(names: str, weights: list[str], layout: str, precision: str = "fp32",
+                 compile: bool = False) -> list[ModelSpec]:
+    """ModelSpecs for --models, --weights NAME=SOURCE, --layout, --precision and --compile; ValueError on bad input."""
     archs = hear_msm_archs()
     sources = {}
     for item in weights or []:
@@ -95,6 +98,8 @@ def parse_models(names: str, weights: list[str], layout: str, precision: str = "
             if precision != "fp32":
                 options["precision"] = precision
                 label = f"{label}+{precision}"
+            if compile:
+                options["compile"] = True
         else:
             module, label, options = name, name, {}
             if importlib.util.find_spec(name.split(".")[0]) is None or importlib.util.find_spec(name) is None:
@@ -227,11 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="hear_msm models: 'bf16' computes embeddings with bfloat16 matmuls (CPUs with native "
                         "bfloat16 only); the model's name gets a +bf16 suffix")
+    parser.add_argument("--compile", action="store_true",
+                        help="hear_msm models: torch.compile the encoder (pays off for long evaluations)")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.grid_points < 1:
         parser.error("--seeds and --grid-points must be at least 1")
     try:
-        specs = parse_models(args.models, args.weights, args.layout, args.precision)
+        specs = parse_models(args.models, args.weights, args.layout, args.precision, args.compile)
         task_paths, missing = resolve_tasks(args.tasks_dir, args.tasks.split(",") if args.tasks else None)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))

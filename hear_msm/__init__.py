@@ -32,7 +32,7 @@ __all__ = [
 
 
 def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto",
-                 precision: str = "fp32") -> MaskedSpectrogramModel:
+                 precision: str = "fp32", compile: bool = False) -> MaskedSpectrogramModel:
     """Build a registered architecture, optionally with weights.
 
     name: an architecture from `list_models()`, or "arch.tag" to load that weight tag.
@@ -55,8 +55,12 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
     precision: "fp32" (default) or "bf16": inference with bfloat16 matmuls and float32 norms, scan
         state and mLSTM cell, float32 outputs; CPUs with native bfloat16 only (ValueError otherwise).
         See `hear_msm._precision`.
+    compile: True compiles `forward_features` with torch.compile for inference (the first call per
+        input shape compiles; the result is cached on disk per machine and architecture). For long
+        evaluations; see `hear_msm._compile`.
     """
     from ._precision import check_precision, set_precision
+    from ._compile import check_compile, compile_encoder
     from .models.registry import model_builder
 
     if not isinstance(name, str):
@@ -73,30 +77,35 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
             raise ValueError(f"{name!r} already names weights; do not pass pretrained={pretrained!r} as well")
         pretrained = f"{arch}.{tag}"
     check_precision(precision)  # before any weights are read
+    check_compile(compile)
     builder = model_builder(arch)
     model = set_precision(builder(kernel=kernel), precision)
     if pretrained is False:
-        return model
+        return compile_encoder(model) if compile else model
     from ._weights import load_state_strict, load_weights
 
     weights = load_weights("" if pretrained is True else pretrained, arch=arch)
     load_state_strict(model, weights)
     model.weights_source = weights.source
     model.weights_facts = weights.facts
-    return model
+    return compile_encoder(model) if compile else model
 
 
-def load_model(source: str | os.PathLike, kernel: str = "auto", precision: str = "fp32") -> MaskedSpectrogramModel:
+def load_model(source: str | os.PathLike, kernel: str = "auto", precision: str = "fp32",
+               compile: bool = False) -> MaskedSpectrogramModel:
     """Load a model from weights alone; the architecture comes from the weights.
 
     source: our format (folder with config.json + model.safetensors, or the .safetensors file),
         "hf://org/repo[@revision]", "hf://org/repo/file.pth[@revision]", an official run folder or
         .pth checkpoint (read without executing pickle code), or "arch.tag" (a registered tag,
         downloaded on first use if it is not shipped).
-    kernel, precision: as in `create_model`.
+    kernel, precision, compile: as in `create_model`.
     """
+    from ._compile import check_compile, compile_encoder
     from ._precision import check_precision, set_precision
     from ._weights import instantiate, load_weights
 
     check_precision(precision)
-    return set_precision(instantiate(load_weights(source), kernel=kernel), precision)
+    check_compile(compile)
+    model = set_precision(instantiate(load_weights(source), kernel=kernel), precision)
+    return compile_encoder(model) if compile else model

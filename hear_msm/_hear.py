@@ -402,7 +402,7 @@ def validate_audio(audio, min_samples: int) -> torch.Tensor:
 def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", max_batch_chunks: int | None = None,
                     kernel: str = "auto", device: str | torch.device | None = None,
                     sequence: str = "chunked", segment_tokens: int = 8192, positions: str = "auto",
-                    precision: str = "fp32") -> HearModel:
+                    precision: str = "fp32", compile: bool = False) -> HearModel:
     """The HEAR `load_model` of every `hear_msm.<arch>` module.
 
     model_file_path: "" for the architecture's default weights, or any weight source
@@ -422,13 +422,16 @@ def load_hear_model(arch: str, model_file_path: str = "", layout: str = "time", 
     device: None (CPU), "cpu", "cuda[:index]" or "mps"; refused when absent on this machine.
     precision: "fp32" (default) or "bf16" (CPU with native bfloat16 only; see `hear_msm._precision`);
         embeddings are float32 either way.
+    compile: True compiles the chunk encoder with torch.compile (`hear_msm._compile`): worth it for
+        long evaluations (compiled once per machine and architecture, then cached on disk).
     """
     from . import create_model
     from ._precision import check_precision
 
     device = check_device(device) if device is not None else None  # before any weights are read
     check_precision(precision, device)
-    model = create_model(arch, pretrained=os.fspath(model_file_path) or True, kernel=kernel, precision=precision)
+    model = create_model(arch, pretrained=os.fspath(model_file_path) or True, kernel=kernel, precision=precision,
+                         compile=compile)
     runtime = HearModel(model, layout=layout, max_batch_chunks=max_batch_chunks, weights=model.weights_source,
                         sequence=sequence, segment_tokens=segment_tokens, positions=positions)
     return runtime.to(device) if device is not None else runtime

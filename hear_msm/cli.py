@@ -80,7 +80,8 @@ def _cmd_embed(args) -> int:
     if missing:
         raise FileNotFoundError(f"no such audio file(s): {', '.join(missing)}")
     model = load_hear_model(args.model, args.weights, layout=args.layout,
-                            max_batch_chunks=args.max_batch_chunks, device=args.device, precision=args.precision)
+                            max_batch_chunks=args.max_batch_chunks, device=args.device, precision=args.precision,
+                            compile=args.compile)
     print(f"model {args.model}, weights: {model.weights}, layout {args.layout}, precision {args.precision}",
           file=sys.stderr)
     result: dict[str, np.ndarray] = {}
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="'bf16': bfloat16 matmuls on CPUs with native bfloat16 (AVX512-BF16, AMX), faster, "
                    "embeddings float32 (README: when to use it)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder: pays off for many or long "
+                   "files (compiled once per machine and model, cached in $HEAR_MSM_CACHE)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=_cmd_embed)
 

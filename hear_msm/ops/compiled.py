@@ -11,10 +11,15 @@ The source is compiled with the kernel's flags and linked in a separate step wit
 -ffast-math gcc would link crtfastmath.o, which turns on flush-to-zero for the whole process.
 A kernel built with `openmp=True` is compiled with -fopenmp when PyTorch's own libgomp.so.1 is
 loaded (its parallel loops then run on PyTorch's thread team), else without it.
+
+Every function that hands tensor pointers to C is marked `@c_entry_point`: under torch.compile
+(`hear_msm._compile`) it runs eagerly, outside the traced graph. Traced, the C would read freed
+memory: dynamo keeps only the integer `data_ptr()` and frees the tensor behind it.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -26,6 +31,32 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
+
+
+_C_ENTRY_POINTS: list[dict] = []
+
+
+def c_entry_point(function: Callable) -> Callable:
+    """Mark a function that passes tensor pointers to C (see the module docstring). Eager calls cost
+    one Python call more; `hide_c_entry_points_from_compiler` makes them opaque to torch.compile
+    (without importing torch._dynamo here, which would add seconds to `import hear_msm`)."""
+    target = {"call": function}
+    _C_ENTRY_POINTS.append(target)
+
+    @functools.wraps(function)
+    def entry(*args, **kwargs):
+        return target["call"](*args, **kwargs)
+    return entry
+
+
+def hide_c_entry_points_from_compiler() -> None:
+    """Route every `c_entry_point` through `torch.compiler.disable` (idempotent): torch.compile then
+    breaks its graph at the call and runs the function, and all it calls, eagerly."""
+    import torch
+
+    for target in _C_ENTRY_POINTS:
+        if not getattr(target["call"], "_torchdynamo_disable", False):
+            target["call"] = torch.compiler.disable(target["call"], reason="hear_msm C kernel: raw tensor pointers")
 
 
 def cache_dir() -> Path:
@@ -97,10 +128,12 @@ class CompiledKernel:
 
     def load(self) -> ctypes.CDLL | None:
         """The compiled library, building it on first call; None (with one warning) if it cannot be built."""
+        if self._tried:  # set after _library: no lock once decided (torch.compile cannot trace a lock)
+            return self._library
         with self._lock:
             if not self._tried:
-                self._tried = True
                 if os.environ.get("HEAR_MSM_NO_CPU_KERNEL"):
+                    self._tried = True
                     return None
                 try:
                     self._library = self._build()
@@ -111,6 +144,7 @@ class CompiledKernel:
                         f"{detail.decode(errors='replace')[:500]}); using {self.fallback}",
                         RuntimeWarning, stacklevel=4,
                     )
+                self._tried = True
             return self._library
 
     def thread_pool(self, threads: int) -> ThreadPoolExecutor:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .compiled import CompiledKernel
+from .compiled import CompiledKernel, c_entry_point
 
 _SOURCE = Path(__file__).with_name("csrc") / "mlstm.c"
 
@@ -115,6 +115,7 @@ def resolve(kernel: str, tensor_is_cuda: bool, needs_grad: bool, kernel_loader=N
     return ("fused" if kernel == "auto" else kernel) if available else "reference"
 
 
+@c_entry_point
 def mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact, eps: float = 1e-6,
                        exact: bool = True, **unused):
     """mLSTM cell in parallel form, the function of xlstm's `parallel_stabilized_simple`; no autograd.

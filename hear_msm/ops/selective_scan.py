@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .compiled import CompiledKernel
+from .compiled import CompiledKernel, c_entry_point
 
 _SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
 
@@ -138,6 +138,7 @@ def resolve(kernel: str, tensor_is_cuda: bool) -> str:
     return "cpu" if use_cpu_kernel(kernel, tensor_is_cuda) else "reference"
 
 
+@c_entry_point
 def selective_scan_cpu(u, delta, A, B, C, D, state: torch.Tensor | None = None):
     """Compiled selective scan; same contract as `selective_scan_reference(..., return_state=True)`.
 
@@ -148,6 +149,7 @@ def selective_scan_cpu(u, delta, A, B, C, D, state: torch.Tensor | None = None):
     return _forward(_library_or_raise(), (u, delta, A, B, C, D), state, torch.float32)
 
 
+@c_entry_point
 def causal_conv_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """silu(depthwise causal conv of x over time), the mixer's step before the scan; no autograd.
 
@@ -176,6 +178,7 @@ def causal_conv_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return out
 
 
+@c_entry_point
 def selective_scan_cpu_autograd(u, delta, A, B, C, D):
     """Compiled selective scan with a compiled backward: y [batch, L, E] from a zero initial state,
     differentiable in u, delta, A, B, C and D. Computes in float64 when u is float64 (for
