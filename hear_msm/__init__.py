@@ -77,7 +77,7 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
             raise ValueError(f"{name!r} already names weights; do not pass pretrained={pretrained!r} as well")
         pretrained = f"{arch}.{tag}"
     check_precision(precision)  # before any weights are read
-    check_compile(compile)
+    check_compile(compile, precision)
     builder = model_builder(arch)
     model = set_precision(builder(kernel=kernel), precision)
     if pretrained is False:
@@ -106,6 +106,6 @@ def load_model(source: str | os.PathLike, kernel: str = "auto", precision: str =
     from ._weights import instantiate, load_weights
 
     check_precision(precision)
-    check_compile(compile)
+    check_compile(compile, precision)
     model = set_precision(instantiate(load_weights(source), kernel=kernel), precision)
     return compile_encoder(model) if compile else model

@@ -105,8 +105,15 @@ def is_compiled(encoder: nn.Module) -> bool:
     return isinstance(encoder.__dict__.get("forward_features"), CompiledForward)
 
 
-def check_compile(compile: object) -> bool:
-    """`compile` must be a bool (True or False); ValueError otherwise."""
+def check_compile(compile: object, precision: str = "fp32") -> bool:
+    """`compile` must be a bool (True or False), and True only with float32 models; ValueError otherwise.
+
+    Why not with precision="bf16": that mode keeps bfloat16 copies of the weights in Python state
+    that torch.compile guards on, so it re-traces until its recompile limit and then runs eagerly
+    anyway, after minutes of compiling (measured: ssast_tiny, ssam_tiny)."""
     if type(compile) is not bool:
         raise ValueError(f"compile must be True or False, got {compile!r} ({type(compile).__name__})")
+    if compile and precision != "fp32":
+        raise ValueError(f"compile=True compiles float32 models only, not precision={precision!r}; "
+                         "use one of the two (both speed up CPU extraction: benchmarks/README.md)")
     return compile

@@ -186,3 +186,9 @@ def test_command_line_options_pass_compile():
     assert spec.label == "ssam_tiny" and spec.options == {"compile": True}
     (spec,) = parse_models("json", [], "time", compile=True)  # other HEAR modules know no such option
     assert spec.options == {}
+
+
+def test_compile_refuses_bf16():
+    """compile=True is for float32 models; with precision='bf16' it is refused before anything is built."""
+    with pytest.raises(ValueError, match="compiles float32 models only"):
+        hear_msm.create_model("ssast_tiny", precision="bf16", compile=True)

@@ -274,3 +274,17 @@ def test_ssam_conv_silu_is_inference_only():
     model = _model("random", "ssam_tiny")
     model.forward_features(torch.randn(1, 1, 200, 80)).sum().backward()
     assert model.blocks[0].mixer.conv1d.weight.grad is not None
+
+
+def test_c_kernels_refuse_other_dtypes():
+    """The C passes read raw float32 memory: a bfloat16 tensor is refused before a pointer is taken."""
+    from hear_msm.ops import mlstm as mlstm_ops
+    from hear_msm.ops import selective_scan as scan_ops
+
+    x = torch.randn(1, 8, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="x is torch.bfloat16"):
+        scan_ops.causal_conv_silu_cpu(x, torch.randn(16, 1, 4), torch.randn(16))
+    q = torch.randn(1, 2, 8, 4)
+    gate = torch.randn(1, 2, 8, 1, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="igate_preact is torch.bfloat16"):
+        mlstm_ops.mlstm_parallel_cpu(q, q, q, gate, gate.float())

@@ -107,11 +107,14 @@ def dtype_violations(model: nn.Module, spectrogram: torch.Tensor, monkeypatch) -
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_islands_compute_in_float32(arch, monkeypatch):
-    model = hear_msm.create_model(arch, precision="bf16").eval()
-    violations, bf16_linears = dtype_violations(model, _input(model), monkeypatch)
-    print(f"{arch}: {bf16_linears} linear layers returned bfloat16; violations: {violations}")
-    assert not violations
-    assert bf16_linears >= model.config.depth  # the matmuls did run in bfloat16
+    # AxLSTM's default CPU path computes the cell in C (float32 only, refused otherwise); kernel="cpu"
+    # runs xlstm's layer, where the cell and gate modules are the islands
+    for kernel in ("auto", "cpu") if arch.startswith("axlstm") else ("auto",):
+        model = hear_msm.create_model(arch, precision="bf16", kernel=kernel).eval()
+        violations, bf16_linears = dtype_violations(model, _input(model), monkeypatch)
+        print(f"{arch} ({kernel}): {bf16_linears} linear layers returned bfloat16; violations: {violations}")
+        assert not violations
+        assert bf16_linears >= model.config.depth  # the matmuls did run in bfloat16
 
 
 @pytest.mark.parametrize("arch", ["ssam_tiny", "axlstm_tiny", "ssamba_tiny"])
@@ -119,14 +122,17 @@ def test_the_dtype_check_catches_missing_or_wrong_islands(arch, monkeypatch):
     """Plain autocast (no islands) leaves the mLSTM cell and the Mamba step projection in
     bfloat16; islands that cast their inputs to float32 but leave autocast on do the same; a
     LayerNorm fed bfloat16 is caught too. The check above must see each of them."""
+    # AxLSTM: kernel="cpu", xlstm's layer with its cell module (the default fused layer's C passes
+    # take float32 only: tests/test_fused_defaults.py)
+    options = {"kernel": "cpu"} if arch.startswith("axlstm") else {}
     spectrogram = _input(hear_msm.create_model(arch))
-    plain = hear_msm.create_model(arch, precision="bf16").eval()
+    plain = hear_msm.create_model(arch, precision="bf16", **options).eval()
     for module in plain.modules():
         if module is not plain:
             module.__class__ = _precision._base_class(type(module))
     assert dtype_violations(plain, spectrogram, monkeypatch)[0]
 
-    forgetful = hear_msm.create_model(arch, precision="bf16").eval()  # islands that cast but keep autocast on
+    forgetful = hear_msm.create_model(arch, precision="bf16", **options).eval()  # islands that cast but keep autocast on
     for module in forgetful.modules():
         base = _precision._base_class(type(module))
         if base is not type(module) and module is not forgetful and base.__name__ != "XLSTMBlock":

@@ -129,10 +129,12 @@ def mlstm_layer_forward(layer: nn.Module, x: torch.Tensor, state: tuple | None =
 
 def fused_layer_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """xlstm's `mLSTMLayer.forward` [B, L, D] -> [B, L, D] for CPU inference (float32, no autograd):
-    its two projections as PyTorch matmuls, everything between them in `mlstm_ops.mlstm_layer_cpu`."""
+    its two projections as PyTorch matmuls, everything between them in `mlstm_ops.mlstm_layer_cpu`.
+    Under `precision="bf16"` (CPU autocast) the projections run in bfloat16 and the C passes in
+    float32 (`.float()`: the cell is one of that mode's float32 islands)."""
     cell = layer.mlstm_cell
     h = mlstm_ops.mlstm_layer_cpu(
-        layer.proj_up(x), layer.conv1d.conv.weight, layer.conv1d.conv.bias,
+        layer.proj_up(x).float(), layer.conv1d.conv.weight, layer.conv1d.conv.bias,
         layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight,
         torch.cat([cell.igate.weight, cell.fgate.weight]), torch.cat([cell.igate.bias, cell.fgate.bias]),
         cell.outnorm.weight_proxy, layer.learnable_skip, cell.config.num_heads, cell.outnorm.eps)
@@ -157,7 +159,9 @@ class ParallelCellBackend:
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (queries, keys, values, igate_preact, fgate_preact))
         path = mlstm_ops.resolve(self.kernel, queries.is_cuda, needs_grad)
-        if queries.dtype == torch.float32 and path != "reference":
+        # the C cell reads float32 only (under plain CPU autocast the gates can be bfloat16)
+        if path != "reference" and all(t.dtype == torch.float32
+                                       for t in (queries, keys, values, igate_preact, fgate_preact)):
             return mlstm_ops.mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact, exact=path == "cpu")
         return parallel_stabilized_simple(queries, keys, values, igate_preact, fgate_preact, **kwargs)
 

@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 
 _C_ENTRY_POINTS: list[dict] = []
 
@@ -47,6 +49,14 @@ def c_entry_point(function: Callable) -> Callable:
     def entry(*args, **kwargs):
         return target["call"](*args, **kwargs)
     return entry
+
+
+def require_float32(what: str, **tensors) -> None:
+    """The C kernels read raw float32 memory: refuse any other dtype or device before a pointer is
+    taken (a bfloat16 tensor read as float32 would run past its end). None entries are skipped."""
+    for name, tensor in tensors.items():
+        if tensor is not None and (tensor.dtype != torch.float32 or tensor.device.type != "cpu"):
+            raise ValueError(f"{what} takes float32 CPU tensors; {name} is {tensor.dtype} on {tensor.device.type}")
 
 
 def hide_c_entry_points_from_compiler() -> None:

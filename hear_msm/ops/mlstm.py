@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .compiled import CompiledKernel, c_entry_point
+from .compiled import CompiledKernel, c_entry_point, require_float32
 
 _SOURCE = Path(__file__).with_name("csrc") / "mlstm.c"
 
@@ -137,6 +137,8 @@ def mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact, eps: f
     library = load_library()
     if library is None:
         raise RuntimeError("the compiled CPU mLSTM kernel is not available")
+    require_float32("the compiled mLSTM cell", queries=queries, keys=keys, values=values, igate_preact=igate_preact,
+                    fgate_preact=fgate_preact)
     batch, heads, length, dim = queries.shape
     count = batch * heads
     with torch.no_grad():
@@ -167,6 +169,7 @@ def mlstm_parallel_cpu(queries, keys, values, igate_preact, fgate_preact, eps: f
         return hidden.transpose(1, 2)
 
 
+@c_entry_point
 def mlstm_layer_cpu(up: torch.Tensor, conv_weight, conv_bias, q_weight, k_weight, v_weight, gate_weight, gate_bias,
                     norm_weight, skip, num_heads: int, norm_eps: float, eps: float = 1e-6,
                     row_blocks: int = 3) -> torch.Tensor:
@@ -190,6 +193,9 @@ def mlstm_layer_cpu(up: torch.Tensor, conv_weight, conv_bias, q_weight, k_weight
     library = load_library()
     if library is None:
         raise RuntimeError("the compiled CPU mLSTM kernel is not available")
+    require_float32("the fused mLSTM layer", up=up, conv_weight=conv_weight, conv_bias=conv_bias, q_weight=q_weight,
+                    k_weight=k_weight, v_weight=v_weight, gate_weight=gate_weight, gate_bias=gate_bias,
+                    norm_weight=norm_weight, skip=skip)
     batch, length, two_d = up.shape
     dim = two_d // 2
     block_size = q_weight.shape[1]

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .compiled import CompiledKernel, c_entry_point
+from .compiled import CompiledKernel, c_entry_point, require_float32
 
 _SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
 
@@ -159,6 +159,7 @@ def causal_conv_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     copy, and PyTorch's SiLU; as accurate against float64 (tests/test_fused_defaults.py).
     """
     library = _library_or_raise()
+    require_float32("the compiled causal conv", x=x, weight=weight, bias=bias)
     batch, length, inner = x.shape
     kernel_size = weight.shape[-1]
     with torch.no_grad():
