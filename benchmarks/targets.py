@@ -106,14 +106,20 @@ def paired(numerator: list[float], denominator: list[float]) -> float:
 
 
 def compile_times(models) -> dict:
-    """arch -> cold and warm compile time (wall and CPU s) from compile.py's fresh processes."""
+    """arch -> compile time of the first HEAR call, cold (fresh process, empty cache) and warm (second
+    process, same cache), from compile.py's child processes: CPU seconds (process + C++ compiler runs,
+    load-independent) and wall seconds."""
     import compile as compile_benchmark
 
+    settings = argparse.Namespace(clips=4, seconds=10.0, clock="cpu", static=False)
     out = {}
     for i, arch in enumerate(models):
-        progress(i, len(models), f"compile {arch} cold and warm")
-        with tempfile.TemporaryDirectory() as cache:
-            out[arch] = compile_benchmark.cold_and_warm(arch, cache)
+        progress(i, len(models), f"compile {arch}, cold and warm")
+        with tempfile.TemporaryDirectory(prefix="hear_msm-targets-") as cache:
+            cold, warm = (compile_benchmark.child(arch, cache, settings, rounds=0) for _ in range(2))
+        out[arch] = {"cold_cpu_s": cold["compile_cpu_s"], "warm_cpu_s": warm["compile_cpu_s"],
+                     "cold_s": cold["compile_s"], "warm_s": warm["compile_s"], "warm_fx_hit": warm["fx_cache_hit"],
+                     "warm_fx_miss": warm["fx_cache_miss"], "failure": cold["failure"] or warm["failure"]}
     return out
 
 
@@ -176,17 +182,22 @@ def main():
     if not bf16:
         add("bf16 throughput vs fp32", "all", "not measured: this CPU has no native bfloat16 (refused)")
     for arch, times in compiles.items():
-        add("compile time, cold / warm (s)", arch, f"{times['cold_s']:.1f} / {times['warm_s']:.1f}")
-    probe = from_file("bf16_probe.json")
+        add("compile=True compile time, cold / warm cache", arch,
+            f"{times['cold_cpu_s']:.0f} / {times['warm_cpu_s']:.0f} CPU s ({times['cold_s']:.0f} / {times['warm_s']:.0f} s wall)",
+            note=f"warm: {times['warm_fx_hit']} FX-graph cache hits, {times['warm_fx_miss']} misses"
+                 + (f"; FAILED: {times['failure']}" if times["failure"] else ""))
+    probe = from_file("bf16_linear_probe.json")
     if probe:
-        for row in probe["rows"]:
-            add("bf16 probe accuracy (fp32 -> bf16), from bf16_probe.json", f"{row['model']}, {row['task']}",
-                f"{row['fp32']:.3f} -> {row['bf16']:.3f}")
+        for row in probe["summary"]:
+            add("bf16 linear probe, fp32 -> bf16 (bf16_linear_probe.json)", f"{row['model']}, {row['task']}",
+                f"{row['fp32_mean']:.3f} -> {row['bf16_mean']:.3f}",
+                note=f"fp32 seed spread {row['fp32_seed_spread']:.3f}, largest paired difference "
+                     f"{row['paired_max_abs_diff']:.3f}")
     workers = from_file("eval_workers.json")
     if workers:
         for row in workers["rows"]:
-            add("eval.run total time, 3 models x 2 dev tasks, from eval_workers.json", f"--workers {row['workers']}",
-                f"{row['seconds']:.0f} s")
+            add("eval.run, 3 models x 2 dev tasks (eval_workers.json)", f"--workers {row['workers']}",
+                f"{row['wall_s']:.0f} s wall", note=f"{row['speedup']:.2f}x the one-worker run")
 
     print(table(rows, ["target", "setting", "measured", "met", "note"]))
     info = machine()
