@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -423,7 +425,16 @@ def test_two_workers_give_the_files_and_scores_of_one(one_worker_run, dev_tasks,
     assert "6 step(s) computed, 0 already done, 0 failed" in proc.stdout
     assert set(_snapshot(out)) == set(_snapshot(one_worker_run))
     assert _same_bytes(out, one_worker_run, "*.npy") == []  # every embedding, bit for bit
-    assert _same_bytes(out, one_worker_run, "test.predicted-scores.json") == []
+    for scores in one_worker_run.rglob("test.predicted-scores.json"):  # 2 models x 2 seeds
+        ours = json.loads((out / scores.relative_to(one_worker_run)).read_text())["test"]
+        theirs = json.loads(scores.read_text())["test"]
+        assert ours.pop("time_in_min") > 0 and theirs.pop("time_in_min") > 0
+        assert ours == theirs, scores  # every test metric, exactly
+        predictions = scores.with_name("test.predictions.pkl")
+        with open(predictions, "rb") as a, open(out / predictions.relative_to(one_worker_run), "rb") as b:
+            theirs, ours = pickle.load(a), pickle.load(b)
+        assert sorted(ours) == ["prediction", "prediction_logit", "target"]
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours), predictions
     assert (out / "results.csv").read_text() == (one_worker_run / "results.csv").read_text()
     log = (out / "logs" / "axlstm_tiny" / "gm_pitch-v1-dev.embeddings.log").read_text()
     assert "$ OMP_NUM_THREADS=1 " in log
@@ -457,8 +468,8 @@ def get_timestamp_embeddings(audio, model):
 
 @needs_heareval
 def test_failed_job_spares_the_others_and_shards_merge(tmp_path):
-    """Three jobs of a toy model: shard 0/2 runs a and c on two workers (c fails, a finishes), shard
-    1/2 (RANK=1 WORLD_SIZE=2 as torchrun sets them) runs b; a run without --shard merges them."""
+    """Three jobs of a toy model: shard 0/2 runs jobs a and c on two workers (c fails, a finishes); the
+    merge run without --shard computes what shard 1/2 would have (b), skips a and writes the tables."""
     (tmp_path / "toy").mkdir()
     (tmp_path / "toy" / "toy_hear.py").write_text(TOY_MODULE)
     tasks = tmp_path / "tasks"
@@ -468,10 +479,10 @@ def test_failed_job_spares_the_others_and_shards_merge(tmp_path):
     env = _env()
     env["PYTHONPATH"] += os.pathsep + str(tmp_path / "toy")
 
-    def run(*extra, **variables):
+    def run(*extra):
         return subprocess.run([sys.executable, "-m", "eval.run", "--models", "toy_hear", "--tasks-dir", str(tasks),
                                "--out", str(out), "--seeds", "1", "--grid", "faster", "--grid-points", "1", *extra],
-                              cwd=REPO, env=dict(env, **variables), capture_output=True, text=True, timeout=600)
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
     shard0 = run("--shard", "0/2", "--workers", "2")
     assert shard0.returncode == 1, shard0.stdout[-3000:] + shard0.stderr[-3000:]
@@ -483,14 +494,9 @@ def test_failed_job_spares_the_others_and_shards_merge(tmp_path):
     assert not (out / "predictions" / "toy_hear" / "b_ok-v1-dev").exists()
     assert not (out / "results.csv").exists()  # shards leave the tables to the merge run
 
-    shard1 = run("--shard", "auto", RANK="1", WORLD_SIZE="2")
-    assert shard1.returncode == 0, shard1.stdout[-3000:] + shard1.stderr[-3000:]
-    assert "shard 1/2: 1 of 3 (model, task) jobs" in shard1.stderr
-    assert "shard 1/2: 2 step(s) computed, 0 already done, 0 failed" in shard1.stdout
-
     merge = run("--tasks", "a_ok-v1-dev,b_ok-v1-dev")
     assert merge.returncode == 0, merge.stdout[-3000:] + merge.stderr[-3000:]
-    assert "0 step(s) computed, 4 already done, 0 failed" in merge.stdout
+    assert "2 step(s) computed, 2 already done, 0 failed" in merge.stdout
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["task"] for r in rows) == ["a_ok-v1-dev", "b_ok-v1-dev"]
