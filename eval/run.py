@@ -477,9 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     for label in dict.fromkeys(job.spec.label for job in jobs):
         check_model_record(out, by_label[label])
     threads = job_threads(args.workers, os.environ)
-    if args.workers > 1:
-        print(f"{args.workers} workers, OMP_NUM_THREADS {'/'.join(threads)} ({available_cores()} cores available)",
-              file=sys.stderr)
+    print(f"--workers {args.workers}: OMP_NUM_THREADS {'/'.join(threads)} ({available_cores()} cores available)",
+          file=sys.stderr)
     total = len(jobs) * (1 + len(seeds))
     start = time.time()
     previous = signal.getsignal(signal.SIGTERM)

@@ -421,7 +421,7 @@ def _same_bytes(a: Path, b: Path, pattern: str) -> list[str]:
 def test_two_workers_give_the_files_and_scores_of_one(one_worker_run, dev_tasks, weights, tmp_path):
     out = tmp_path / "out"
     proc = _run_eval(dev_tasks, out, weights, "--tasks", "gm_pitch-v1-dev", "--workers", "2")
-    assert "2 workers, OMP_NUM_THREADS 1/1" in proc.stderr
+    assert "--workers 2: OMP_NUM_THREADS 1/1 (" in proc.stderr
     assert "6 step(s) computed, 0 already done, 0 failed" in proc.stdout
     assert set(_snapshot(out)) == set(_snapshot(one_worker_run))
     assert _same_bytes(out, one_worker_run, "*.npy") == []  # every embedding, bit for bit
