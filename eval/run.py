@@ -476,8 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for label in dict.fromkeys(job.spec.label for job in jobs):
         check_model_record(out, by_label[label])
-    threads = job_threads(args.workers, os.environ)
-    print(f"--workers {args.workers}: OMP_NUM_THREADS {'/'.join(threads)} ({available_cores()} cores available)",
+    pending = [job for job in jobs if not job.embedded or len(job.finished) < len(seeds)]
+    # more workers than jobs left would leave cores idle: split them between the jobs there are
+    workers = max(1, min(args.workers, len(pending)))
+    threads = job_threads(workers, os.environ)
+    print(f"--workers {workers}: OMP_NUM_THREADS {'/'.join(threads)} ({available_cores()} cores available)",
           file=sys.stderr)
     total = len(jobs) * (1 + len(seeds))
     start = time.time()
@@ -489,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tqdm(total=total, initial=done_units, desc="eval", unit="step", dynamic_ncols=True) as bar:
             progress = Progress(bar)
-            failures = run_jobs(jobs, threads, lambda job, share, stop: run_job(
+            failures = run_jobs(pending, threads, lambda job, share, stop: run_job(
                 out, job, seeds, args.grid, args.grid_points, share, stop, progress))
     finally:
         if threading.current_thread() is threading.main_thread():

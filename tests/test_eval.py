@@ -226,6 +226,8 @@ def test_model_names_weights_and_layout():
         parse_models("no_such_module.x", [], "time")
     with pytest.raises(ValueError, match="not in --models"):
         parse_models("ssam_tiny", ["axlstm_tiny=x"], "time")
+    with pytest.raises(ValueError, match="--models names ssam_tiny more than once"):
+        parse_models("ssam_tiny,axlstm_tiny,ssam_tiny", [], "time")  # two workers would share its folders
 
 
 @needs_heareval
