@@ -2,7 +2,8 @@
 """Total time of `python -m eval.run` at several --workers values, each into a fresh OUT.
 
     python benchmarks/eval_workers.py --tasks-dir /work/dev_tasks [--workers 1,2] [--rounds 1] \\
-        [--models ssast_tiny,ssam_tiny,axlstm_tiny] [--weights-tag debian_cpu_demo] [--seeds 1]
+        [--models ssast_tiny,ssam_tiny,axlstm_tiny] [--weights-tag debian_cpu_demo] [--seeds 1] \\
+        [--clips-per-split N]
 
 Every run does the same (model, task) jobs: embeddings of every task for every model, then `--seeds`
 seeds of heareval's `faster` grid at one grid point. OMP_NUM_THREADS is removed from the runs'
@@ -11,11 +12,13 @@ are interleaved (1, 2, 1, 2, ...). Reported per run: wall time, CPU time of all 
 (user + system, from getrusage of the waited-for children, so it counts every subprocess), the
 thread split eval.run chose, and the 1-minute load average before and after: on a shared machine
 the wall-time gain of a second worker is bounded by the cores the other tenants leave free.
-Writes benchmarks/results/eval_workers.json.
+--clips-per-split N runs on a copy of every task holding N clips per split, every k-th one (the audio
+linked, not copied), to fit a loaded machine's time. Writes benchmarks/results/eval_workers.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -33,6 +36,25 @@ REPO = Path(__file__).resolve().parent.parent
 def children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def subset_tasks(tasks_dir: Path, clips: int, root: Path) -> Path:
+    """A copy of every task folder in tasks_dir with `clips` clips per split (every k-th), audio linked."""
+    for task in sorted(p for p in tasks_dir.iterdir() if (p / "task_metadata.json").is_file()):
+        target = root / task.name
+        target.mkdir(parents=True)
+        metadata = json.loads((task / "task_metadata.json").read_text())
+        for name in ("task_metadata.json", "labelvocabulary.csv"):
+            (target / name).write_bytes((task / name).read_bytes())
+        for split in metadata["splits"]:
+            labels = json.loads((task / f"{split}.json").read_text())
+            step = max(1, len(labels) // clips)
+            kept = dict(list(labels.items())[::step][:clips])
+            (target / f"{split}.json").write_text(json.dumps(kept))
+            (target / "16000" / split).mkdir(parents=True)
+            for file in kept:
+                (target / "16000" / split / file).symlink_to((task / "16000" / split / file).resolve())
+    return root
 
 
 def warm_up(models: list[str], tag: str) -> None:
@@ -73,12 +95,16 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma-separated --workers values")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--clips-per-split", type=int, default=0, help="run on N clips per split (0: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_workers.json")
     args = parser.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
     warm_up(args.models.split(","), args.weights_tag)
     rows = []
     with tempfile.TemporaryDirectory(prefix="eval_workers-") as tmp:
+        source = args.tasks_dir
+        if args.clips_per_split:
+            args.tasks_dir = subset_tasks(args.tasks_dir, args.clips_per_split, Path(tmp) / "tasks")
         for round_ in range(args.rounds):
             for workers in counts:
                 print(f"round {round_ + 1}/{args.rounds}: --workers {workers}", file=sys.stderr, flush=True)
@@ -90,7 +116,8 @@ def main() -> None:
     columns = ["round", "workers", "threads_per_worker", "jobs", "wall_s", "cpu_s", "speedup", "load_before",
                "load_after"]
     print(table(rows, columns))
-    write_json(args.out, {"models": args.models, "tasks_dir": str(args.tasks_dir), "seeds": args.seeds,
+    write_json(args.out, {"models": args.models, "tasks_dir": str(source), "seeds": args.seeds,
+                          "clips_per_split": args.clips_per_split or "all",
                           "grid": "faster, 1 grid point", "weights_tag": args.weights_tag, "rows": rows})
 
 

@@ -55,7 +55,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -354,14 +354,13 @@ def run_job(out: Path, job: Job, seeds: list[int], grid: str, grid_points: int, 
         progress.stage(job, None)
 
 
-def run_jobs(jobs: list[Job], threads: list[str], run) -> list[str]:
+def run_jobs(jobs: list[Job], threads: list[str], run, stop: threading.Event) -> list[str]:
     """run(job, threads, stop) for every job, len(threads) at a time, each worker with its own thread
-    count; returns one message per failed job. SIGTERM or Ctrl-C stops the running subprocesses and
-    starts no further job."""
+    count; returns one message per failed job. Once `stop` is set, running jobs end their
+    subprocesses within a second and no further job starts."""
     slots: queue.SimpleQueue = queue.SimpleQueue()
     for share in threads:
         slots.put(share)
-    stop = threading.Event()
 
     def one(job: Job) -> None:
         share = slots.get()  # a worker's thread share, free while fewer than len(threads) jobs run
@@ -372,22 +371,49 @@ def run_jobs(jobs: list[Job], threads: list[str], run) -> list[str]:
             slots.put(share)
 
     failures = []
-    pool = ThreadPoolExecutor(max_workers=len(threads), thread_name_prefix="eval-job")
-    futures = {pool.submit(one, job): job for job in jobs}
-    try:
-        for future in as_completed(futures):
-            error = future.exception()
-            if error is not None:  # any error ends only its own job
-                job = futures[future]
-                message = str(error) if isinstance(error, (RuntimeError, ValueError)) else repr(error)
-                failures.append(f"{job.name}: {message}")
-                tqdm.write(f"FAILED {job.name}: {message}", file=sys.stderr)
-    except BaseException:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown()
+    with ThreadPoolExecutor(max_workers=len(threads), thread_name_prefix="eval-job") as pool:
+        futures = {pool.submit(one, job): job for job in jobs}
+        running = set(futures)
+        while running:
+            # wake every second: Python runs signal handlers only in the main thread, between bytecodes
+            finished, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in finished:
+                error = future.exception()
+                if error is not None:  # any error ends only its own job
+                    job = futures[future]
+                    message = str(error) if isinstance(error, (RuntimeError, ValueError)) else repr(error)
+                    failures.append(f"{job.name}: {message}")
+                    tqdm.write(f"FAILED {job.name}: {message}", file=sys.stderr)
     return failures
+
+
+class StopOnSignal:
+    """While active, SIGTERM (how torchrun and Slurm end a process) and Ctrl-C set `stop` instead of
+    raising in whatever the main thread is doing (which could leave a lock of the progress bar
+    held); the jobs then end their subprocesses, so none keeps writing into OUT after this process
+    is gone. A second signal acts as it would without this."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.stop, self.received = threading.Event(), None
+        self._previous = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. SIGINT of a background job
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        self.stop.set()
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def _run_logged(cmd: list[str], log: Path, threads: str, stop: threading.Event, poll=None) -> None:
@@ -484,19 +510,15 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     total = len(jobs) * (1 + len(seeds))
     start = time.time()
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():
-        # torchrun and Slurm stop a rank with SIGTERM: end its subprocesses too, so that none keeps
-        # writing into OUT after this process is gone
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        with tqdm(total=total, initial=done_units, desc="eval", unit="step", dynamic_ncols=True) as bar:
-            progress = Progress(bar)
-            failures = run_jobs(pending, threads, lambda job, share, stop: run_job(
-                out, job, seeds, args.grid, args.grid_points, share, stop, progress))
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+    with StopOnSignal() as signals, tqdm(total=total, initial=done_units, desc="eval", unit="step",
+                                        dynamic_ncols=True) as bar:
+        progress = Progress(bar)
+        failures = run_jobs(pending, threads, lambda job, share, stop: run_job(
+            out, job, seeds, args.grid, args.grid_points, share, stop, progress), signals.stop)
+    if signals.received is not None:
+        print(f"stopped by signal {signals.received} after {progress.computed} step(s); a rerun resumes",
+              file=sys.stderr)
+        return 128 + signals.received
 
     summary = (f"{progress.computed} step(s) computed, {done_units} already done, {len(failures)} failed, "
                f"{time.time() - start:.0f} s")
@@ -515,10 +537,6 @@ def main(argv: list[str] | None = None) -> int:
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
-
-
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -443,7 +445,11 @@ def test_two_workers_give_the_files_and_scores_of_one(one_worker_run, dev_tasks,
 
 
 TOY_MODULE = '''
-"""A HEAR module of four audio statistics, which refuses clips longer than 1.5 s."""
+"""A HEAR module of four audio statistics, which refuses clips longer than 1.5 s (and with
+TOY_SLEEP=S set, first sleeps S seconds)."""
+import os
+import time
+
 import torch
 
 
@@ -458,6 +464,7 @@ def load_model(model_file_path=""):
 
 
 def get_scene_embeddings(audio, model):
+    time.sleep(float(os.environ.get("TOY_SLEEP", "0")))
     if audio.shape[1] > 1.5 * model.sample_rate:
         raise ValueError("toy_hear refuses clips longer than 1.5 s")
     return torch.stack([audio.mean(1), audio.std(1), audio.abs().amax(1), audio.pow(2).mean(1)], 1)
@@ -468,18 +475,48 @@ def get_timestamp_embeddings(audio, model):
 '''
 
 
+def _toy_env(tmp_path):
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "toy_hear.py").write_text(TOY_MODULE)
+    env = _env()
+    env["PYTHONPATH"] += os.pathsep + str(tmp_path / "toy")
+    return env
+
+
+@needs_heareval
+def test_sigterm_ends_the_running_subprocesses(tmp_path):
+    """torchrun and Slurm end a rank with SIGTERM: its heareval subprocess must not outlive it."""
+    tasks = _tiny_task(tmp_path / "tasks", "a_ok", clips=8)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "eval.run", "--models", "toy_hear", "--tasks-dir", str(tasks),
+                             "--out", str(out), "--seeds", "1", "--grid", "faster", "--grid-points", "1"],
+                            cwd=REPO, env=dict(_toy_env(tmp_path), TOY_SLEEP="600"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    children = []
+    for _ in range(240):
+        children = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+                    for pid in (task / "children").read_text().split()]
+        if children:
+            break
+        time.sleep(0.5)
+    assert children, "eval.run started no subprocess within 2 min"
+    proc.send_signal(signal.SIGTERM)  # to eval.run alone, not to its process group
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    assert "stopped by signal 15 after 0 step(s); a rerun resumes" in stderr
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+    assert not list(out.rglob(".done.embeddings"))
+
+
 @needs_heareval
 def test_failed_job_spares_the_others_and_shards_merge(tmp_path):
     """Three jobs of a toy model: shard 0/2 runs jobs a and c on two workers (c fails, a finishes); the
     merge run without --shard computes what shard 1/2 would have (b), skips a and writes the tables."""
-    (tmp_path / "toy").mkdir()
-    (tmp_path / "toy" / "toy_hear.py").write_text(TOY_MODULE)
+    env = _toy_env(tmp_path)
     tasks = tmp_path / "tasks"
     for name, seconds in (("a_ok", 1.0), ("b_ok", 1.0), ("c_long", 2.0)):
         _tiny_task(tasks, name, clips=8, seconds=seconds)
     out = tmp_path / "out"
-    env = _env()
-    env["PYTHONPATH"] += os.pathsep + str(tmp_path / "toy")
 
     def run(*extra):
         return subprocess.run([sys.executable, "-m", "eval.run", "--models", "toy_hear", "--tasks-dir", str(tasks),
