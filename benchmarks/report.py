@@ -17,6 +17,8 @@ COLUMNS = {
     "flops": ["threads", "what", "gflops", "of_matmul", "x_realtime"],
     "full_vs_chunked": ["task", "seconds", "model", "setting", "top1", "chroma"],
     "train_step": ["model", "kernel", "batch", "threads", "step_s", "first_step_s", "peak_rss_mb"],
+    "eval_workers": ["round", "workers", "threads_per_worker", "jobs", "wall_s", "cpu_s", "speedup", "load_before",
+                     "load_after"],
 }
 
 

@@ -6,7 +6,9 @@ per split; downloads ~90 MB of Debian packages once into the cache), then runs
 `python -m eval.run` for ssast_tiny and axlstm_tiny (random-init weights) with
 `--grid faster --grid-points 1` and 2 seeds, reruns it (nothing may be recomputed), and runs a
 12-clip event task (gm_onsets) for one model and the peer row hearbaseline.torchcrepe on 75
-clips: about 3 min on one thread.
+clips. --workers 2 must reproduce the one-worker run's files and scores exactly; --shard, the merge
+run, a failing job beside a good one and SIGTERM run with a toy HEAR module (four audio statistics)
+on noise tasks, so they cost process start-ups only.
 """
 import csv
 import importlib.util
