@@ -3,12 +3,12 @@
 
     python benchmarks/eval_workers.py --tasks-dir /work/dev_tasks [--workers 1,2] [--rounds 1] \\
         [--models ssast_tiny,ssam_tiny,axlstm_tiny] [--weights-tag debian_cpu_demo] [--seeds 1] \\
-        [--clips-per-split N]
+        [--clips-per-split N] [--omp-threads N]
 
 Every run does the same (model, task) jobs: embeddings of every task for every model, then `--seeds`
 seeds of heareval's `faster` grid at one grid point. OMP_NUM_THREADS is removed from the runs'
-environment so that eval.run splits this process's cores between the workers (its default). Rounds
-are interleaved (1, 2, 1, 2, ...). Reported per run: wall time, CPU time of all its processes
+environment so that eval.run splits this process's cores between the workers (its default;
+--omp-threads N sets it instead). Rounds are interleaved (1, 2, 1, 2, ...). Reported per run: wall time, CPU time of all its processes
 (user + system, from getrusage of the waited-for children, so it counts every subprocess), the
 thread split eval.run chose, and the 1-minute load average before and after: on a shared machine
 the wall-time gain of a second worker is bounded by the cores the other tenants leave free.
@@ -75,6 +75,8 @@ def run_once(args, workers: int, out: Path) -> dict:
         for arch in args.models.split(","):
             cmd += ["--weights", f"{arch}={arch}.{args.weights_tag}"]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if args.omp_threads:
+        env["OMP_NUM_THREADS"] = str(args.omp_threads)
     load_before = os.getloadavg()[0]
     cpu_before, start = children_cpu_seconds(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma-separated --workers values")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--omp-threads", type=int, default=0,
+                        help="OMP_NUM_THREADS of every job (0: eval.run splits the cores between the workers)")
     parser.add_argument("--clips-per-split", type=int, default=0, help="run on N clips per split (0: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_workers.json")
     args = parser.parse_args()
@@ -118,6 +122,7 @@ def main() -> None:
     print(table(rows, columns))
     write_json(args.out, {"models": args.models, "tasks_dir": str(source), "seeds": args.seeds,
                           "clips_per_split": args.clips_per_split or "all",
+                          "omp_threads": args.omp_threads or "split by eval.run",
                           "grid": "faster, 1 grid point", "weights_tag": args.weights_tag, "rows": rows})
 
 
