@@ -238,26 +238,38 @@ def _python_env(threads: str) -> dict[str, str]:
 
 
 class Progress:
-    """The one progress bar, shared by the worker threads: one unit per embeddings step and per seed;
-    its postfix names the step each running job is in."""
+    """The one progress bar: one unit per embeddings step and per seed; its postfix names the step
+    each running job is in. Worker threads only queue their updates; the main thread applies them
+    (`drain`), so tqdm's locks are only ever taken by one thread (a run stopped by SIGTERM while
+    threads shared the bar has hung on them)."""
 
     def __init__(self, bar: tqdm):
         self.bar, self.computed = bar, 0
-        self._lock = threading.Lock()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[str, str] = {}
 
     def stage(self, job: Job, text: str | None) -> None:
-        with self._lock:
-            if text is None:
-                self._running.pop(job.name, None)
-            else:
-                self._running[job.name] = f"{job.spec.label} {job.task.name} {text}"
-            self.bar.set_postfix_str("; ".join(self._running.values()))
+        self._events.put(("stage", job.name, None if text is None else f"{job.spec.label} {job.task.name} {text}"))
 
     def update(self, units: int) -> None:
-        with self._lock:
-            self.bar.update(units)
-            self.computed += units
+        self._events.put(("update", units, None))
+
+    def drain(self) -> None:
+        """Apply the queued updates (main thread only)."""
+        while True:
+            try:
+                kind, key, text = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "update":
+                self.bar.update(key)
+                self.computed += key
+                continue
+            if text is None:
+                self._running.pop(key, None)
+            else:
+                self._running[key] = text
+            self.bar.set_postfix_str("; ".join(self._running.values()))
 
 
 def embedding_dir(out: Path, spec: ModelSpec, task: str) -> Path | None:
@@ -354,7 +366,7 @@ def run_job(out: Path, job: Job, seeds: list[int], grid: str, grid_points: int, 
         progress.stage(job, None)
 
 
-def run_jobs(jobs: list[Job], threads: list[str], run, stop: threading.Event) -> list[str]:
+def run_jobs(jobs: list[Job], threads: list[str], run, stop: threading.Event, tick=lambda: None) -> list[str]:
     """run(job, threads, stop) for every job, len(threads) at a time, each worker with its own thread
     count; returns one message per failed job. Once `stop` is set, running jobs end their
     subprocesses within a second and no further job starts."""
@@ -377,6 +389,7 @@ def run_jobs(jobs: list[Job], threads: list[str], run, stop: threading.Event) ->
         while running:
             # wake every second: Python runs signal handlers only in the main thread, between bytecodes
             finished, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+            tick()
             for future in finished:
                 error = future.exception()
                 if error is not None:  # any error ends only its own job
@@ -510,11 +523,13 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     total = len(jobs) * (1 + len(seeds))
     start = time.time()
+    tqdm.monitor_interval = 0  # no monitor thread: the main thread alone touches the bar
     with StopOnSignal() as signals, tqdm(total=total, initial=done_units, desc="eval", unit="step",
                                         dynamic_ncols=True) as bar:
         progress = Progress(bar)
         failures = run_jobs(pending, threads, lambda job, share, stop: run_job(
-            out, job, seeds, args.grid, args.grid_points, share, stop, progress), signals.stop)
+            out, job, seeds, args.grid, args.grid_points, share, stop, progress), signals.stop, progress.drain)
+        progress.drain()
     if signals.received is not None:
         print(f"stopped by signal {signals.received} after {progress.computed} step(s); a rerun resumes",
               file=sys.stderr)
