@@ -17,6 +17,8 @@ COLUMNS = {
     "flops": ["threads", "what", "kernel", "gflops", "of_matmul", "of_matmul_median", "x_realtime", "vs_first"],
     "full_vs_chunked": ["task", "seconds", "model", "setting", "top1", "chroma"],
     "train_step": ["model", "kernel", "batch", "threads", "step_s", "first_step_s", "peak_rss_mb"],
+    "eval_workers": ["round", "workers", "threads_per_worker", "jobs", "wall_s", "cpu_s", "speedup", "load_before",
+                     "load_after"],
 }
 
 
