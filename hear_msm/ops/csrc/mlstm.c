@@ -34,14 +34,14 @@ static inline vfloat vmax(vfloat a, vfloat b) {
 #define MULADD(a, b, c) ((a) * (b) + (c))
 #endif
 
-/* e^x for x <= 0. x = k ln2 + r with |r| <= ln2/2 (ln2 split in two so that k * hi is exact),
+/* e^x for x in [-87, 88] (callers clamp): x = k ln2 + r with |r| <= ln2/2 (ln2 split in two so that k * hi is exact),
    e^r by its Taylor series to degree 7 (truncation < 1e-8 relative, below float rounding),
    2^k through the exponent bits. Below -87 the result would be subnormal; it is returned as 0
-   (such weights are < 1e-38 of the row's largest and cannot change a float32 sum).
+   (such weights are < 1e-38 of the row's largest and cannot change a float32 sum): see
+   `exp_nonpositive`.
    Rounding to the nearest integer by adding and subtracting 1.5 * 2^23 keeps the loop free of
    calls, so that it vectorises. */
-static inline float exp_nonpositive(float x) {
-    const float clamped = x < -87.0f ? -87.0f : x;
+static inline float exp_series(float clamped) {
     const float k = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = clamped - k * 0.693359375f;
     r = r + k * 2.12194440e-4f;
@@ -56,7 +56,12 @@ static inline float exp_nonpositive(float x) {
     const int32_t bits = ((int32_t)k + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return x < -87.0f ? 0.0f : p * scale;
+    return p * scale;
+}
+
+static inline float exp_nonpositive(float x) {
+    const float e = exp_series(x < -87.0f ? -87.0f : x);
+    return x < -87.0f ? 0.0f : e;
 }
 
 /* Exact path, step 1: the stabilised log weights of the causal (lower) triangle, packed row
@@ -200,25 +205,10 @@ void hear_msm_mlstm_gates_parallel(float *qk, const float *fcum, const float *ig
    rows n = clip * L + t. Rounding differs from PyTorch's op-by-op form; its accuracy against a
    float64 run is tested on the whole model (tests/test_speed_paths.py). */
 
-/* e^x for any float x: the range reduction and series of `exp_nonpositive`, 0 below -87 and
+/* e^x for any float x: the range reduction and series of `exp_series`, 0 below -87 and
    +inf above 88.7 (the sigmoid below only needs its limits there). */
 static inline float exp_any(float x) {
-    const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float k = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = clamped - k * 0.693359375f;
-    r = r + k * 2.12194440e-4f;
-    float p = 1.98412698e-4f;
-    p = MULADD(p, r, 1.38888889e-3f);
-    p = MULADD(p, r, 8.33333333e-3f);
-    p = MULADD(p, r, 4.16666667e-2f);
-    p = MULADD(p, r, 1.66666667e-1f);
-    p = MULADD(p, r, 0.5f);
-    p = MULADD(p, r, 1.0f);
-    p = MULADD(p, r, 1.0f);
-    const int32_t bits = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    const float e = p * scale;
+    const float e = exp_series(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
     return x < -87.0f ? 0.0f : (x > 88.7f ? INFINITY : e);
 }
 

@@ -2,10 +2,9 @@
 #include <stdint.h>
 #include <string.h>
 
-/* exp(x) for x <= 0: x = k ln2 + r, |r| <= ln2 / 2, Cephes expf polynomial for e^r, 2^k by bits.
-   Arguments below -87 are clamped (e^-87 ~ 1.6e-38, below anything the state can resolve). */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
+/* e^x for x in [-87, 88] (callers clamp): x = k ln2 + r, |r| <= ln2 / 2, Cephes expf polynomial
+   for e^r, 2^k by bits. */
+static inline float exp_in_range(float x) {
     const float k = __builtin_rintf(x * 1.44269504088896341f);
     float r = x - k * 0.693359375f;
     r = r + k * 2.12194440e-4f;
@@ -20,6 +19,12 @@ static inline float exp_nonpositive(float x) {
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
+}
+
+/* exp(x) for x <= 0. Arguments below -87 are clamped (e^-87 ~ 1.6e-38, below anything the state
+   can resolve). */
+static inline float exp_nonpositive(float x) {
+    return exp_in_range(x < -87.0f ? -87.0f : x);
 }
 
 /* u, delta, y: [batch, length, inner]; A: [inner, nstate]; B, C: [batch, length, nstate];
@@ -203,23 +208,9 @@ void hear_msm_selective_scan_backward_f64(const double *u, const double *delta, 
     backward_f64(BACKWARD_ARGS);
 }
 
-/* e^x for any x in [-87, 88] (clamped there): `exp_nonpositive`'s reduction and polynomial. */
+/* e^x for any x, clamped to [-87, 88]. */
 static inline float exp_clamped(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float k = __builtin_rintf(x * 1.44269504088896341f);
-    float r = x - k * 0.693359375f;
-    r = r + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return exp_in_range(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
 }
 
 /* The mixer's depthwise causal conv and SiLU before the scan, for inference, tokens
