@@ -109,8 +109,8 @@ def check_compile(compile: object, precision: str = "fp32") -> bool:
     """`compile` must be a bool (True or False), and True only with float32 models; ValueError otherwise.
 
     Why not with precision="bf16": that mode keeps bfloat16 copies of the weights in Python state
-    that torch.compile guards on, so it re-traces until its recompile limit and then runs eagerly
-    anyway, after minutes of compiling (measured: ssast_tiny, ssam_tiny)."""
+    that torch.compile guards on, so it re-traces until it hits its recompile limit (seen with
+    ssast_tiny and ssam_tiny) and then runs those parts eagerly: compile cost without the gain."""
     if type(compile) is not bool:
         raise ValueError(f"compile must be True or False, got {compile!r} ({type(compile).__name__})")
     if compile and precision != "fp32":
