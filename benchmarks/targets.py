@@ -193,10 +193,10 @@ def main():
                 f"{row['fp32_mean']:.3f} -> {row['bf16_mean']:.3f}",
                 note=f"fp32 seed spread {row['fp32_seed_spread']:.3f}, largest paired difference "
                      f"{row['paired_max_abs_diff']:.3f}")
-    workers = from_file("eval_workers.json")
+    workers = from_file("eval_workers_quiet.json")
     if workers:
         for row in workers["rows"]:
-            add("eval.run, 3 models x 2 dev tasks (eval_workers.json)", f"--workers {row['workers']}",
+            add("eval.run, 3 models x 2 dev tasks (eval_workers_quiet.json)", f"--workers {row['workers']}",
                 f"{row['wall_s']:.0f} s wall", note=f"{row['speedup']:.2f}x the one-worker run")
 
     print(table(rows, ["target", "setting", "measured", "met", "note"]))
