@@ -17,6 +17,11 @@ FLAGS_THAT_MATTER = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx51
                      "amx_tile", "amx_bf16", "amx_int8")
 
 
+# how the benchmarks time a call: wall time, or the calling thread's CPU time (one thread only: all
+# compute then runs on it, and time the machine gives to other processes is not counted)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
 def cpu_description() -> dict:
     """Vendor, model name and the flags above, from /proc/cpuinfo (empty where there is none)."""
     try:

@@ -32,10 +32,7 @@ import time
 
 import torch
 
-from _util import progress, table, write_json
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-
+from _util import CLOCKS, progress, table, write_json
 
 def one_process(arch: str, clips: int, seconds: float, rounds: int, clock: str, static: bool) -> dict:
     """Runs in a child process: compile time of the first HEAR call, then (rounds > 0) interleaved rounds."""

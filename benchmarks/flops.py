@@ -26,17 +26,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import hear_msm
 from hear_msm._hear import HearModel
-from _util import progress, table, write_json
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-
+from _util import CLOCKS, progress, table, write_json
 
 def ssast_flops_per_chunk(config) -> float:
     tokens, dim, hidden = 1 + config.num_patches, config.embed_dim, int(config.embed_dim * 4)

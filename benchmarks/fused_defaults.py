@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import hear_msm
 from hear_msm._hear import HearModel
 from hear_msm.ops import selective_scan as scan_ops
-from _util import progress, table, write_json
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-
+from _util import CLOCKS, progress, table, write_json
 
 def torch_conv_silu(x, weight, bias):
     """SSAM's conv + SiLU as before the compiled pass (mamba.py's PyTorch branch)."""

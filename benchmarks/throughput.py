@@ -38,16 +38,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 
 import hear_msm
 from hear_msm._hear import HearModel
-from _util import progress, table, write_json
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-
+from _util import CLOCKS, progress, table, write_json
 
 def runner(arch: str, mode: str, audio: torch.Tensor, precision: str = "fp32", **options):
     """A function that embeds `audio` once in `mode` and `precision`."""
