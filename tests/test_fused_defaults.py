@@ -28,6 +28,7 @@ from hear_msm._hear import HearModel
 from hear_msm.models.mamba import set_kernel
 from hear_msm.models.xlstm import fused_layer_forward, set_mlstm_kernel
 from hear_msm.ops import mlstm as mlstm_ops
+from hear_msm.ops import onednn
 from hear_msm.ops import selective_scan as scan_ops
 
 pytestmark = [pytest.mark.numerics,
@@ -267,6 +268,50 @@ def test_ssam_conv_silu_default_is_as_accurate_as_the_path_it_replaced(checkpoin
     wrong, _ = _ssam_errors(model, x, monkeypatch, lambda u, w, b: compiled(u, w.flip(-1), b))
     print(f"ssam_tiny conv taps reversed: RMS error {wrong:.3g} = {wrong / old:.3g} x the bound")
     assert wrong > 100 * old
+
+
+def _per_channel_scan(u, delta, A, B, C, D, state=None, gate=None):
+    """The scan and gate SSAM's default replaced: every channel in the per-channel C loop, the
+    output gate as PyTorch's y * silu(z)."""
+    y, state = scan_ops._forward(scan_ops.load_library(), (u, delta, A, B, C, D), state, torch.float32,
+                                 channel_blocks=False)
+    return (y if gate is None else y * torch.nn.functional.silu(gate.float())), state
+
+
+def _ssam_scan_errors(model, x, monkeypatch, scan=None):
+    """RMS and largest error vs float64 of the default path, with `scan` in place of the compiled
+    scan entry point and ATen's in_proj when given (None: today's default)."""
+    with monkeypatch.context() as patch:
+        if scan is not None:
+            patch.setattr(scan_ops, "selective_scan_cpu", scan)
+            patch.setattr(onednn, "takes", lambda *args: False)
+        return _ssam_errors(model, x, monkeypatch)
+
+
+@pytest.mark.parametrize("checkpoint", ["official", "random"])
+def test_ssam_scan_default_is_as_accurate_as_the_path_it_replaced(checkpoint, fixture, monkeypatch):
+    """SSAM's CPU inference default: the channel-blocked scan with the output gate in its loop, and
+    in_proj on oneDNN at width 192, against the per-channel scan, PyTorch's gate and ATen's in_proj."""
+    model, x = _model(checkpoint, "ssam_tiny"), _feature_chunks(fixture)
+    calls = []
+    compiled = scan_ops.selective_scan_cpu
+    monkeypatch.setattr(scan_ops, "selective_scan_cpu", lambda *a, **k: calls.append(k.get("gate")) or compiled(*a, **k))
+    (new, new_max), (old, old_max) = _ssam_scan_errors(model, x, monkeypatch), _ssam_scan_errors(model, x, monkeypatch,
+                                                                                               _per_channel_scan)
+    assert len(calls) == len(model.blocks) and all(gate is not None for gate in calls)  # the gate went in
+    print(f"ssam_tiny ({checkpoint} checkpoint), error vs float64, RMS / largest: new default (blocked scan, "
+          f"gate in the loop) {new:.4g} / {new_max:.3g}; old default (per-channel scan, PyTorch gate) "
+          f"{old:.4g} / {old_max:.3g}")
+    assert new <= RMS_TIE * old
+    # mistakes a port could make, each far outside the bound: the D skip dropped, the gate left out
+    for name, wrong_scan in [("D skip dropped", lambda u, d, A, B, C, D, s=None, gate=None: compiled(
+                                  u, d, A, B, C, torch.zeros_like(D), s, gate=gate)),
+                             ("gate left out", lambda u, d, A, B, C, D, s=None, gate=None: compiled(
+                                  u, d, A, B, C, D, s))]:
+        monkeypatch.setattr(scan_ops, "selective_scan_cpu", wrong_scan)
+        wrong, _ = _ssam_errors(model, x, monkeypatch)
+        print(f"ssam_tiny, {name}: RMS error {wrong:.3g} = {wrong / old:.3g} x the bound")
+        assert wrong > 100 * old
 
 
 def test_ssam_conv_silu_is_inference_only():

@@ -86,8 +86,8 @@ def dtype_violations(model: nn.Module, spectrogram: torch.Tensor, monkeypatch) -
               if _precision._base_class(type(m)) is nn.Linear and m not in islands]
     scan = scan_ops.selective_scan_cpu
 
-    def recorded_scan(*args):
-        y, state = scan(*args)
+    def recorded_scan(*args, **kwargs):
+        y, state = scan(*args, **kwargs)
         if y.dtype != torch.float32 or state.dtype != torch.float32:
             violations.append(f"selective scan returned {y.dtype}, state {state.dtype}")
         return y, state

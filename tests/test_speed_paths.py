@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from xlstm.blocks.mlstm.backends import parallel_stabilized_simple
 
@@ -54,8 +55,11 @@ def _scan_inputs(batch, length, inner, nstate, seed=0):
 
 
 # ----------------------------------------------------------------------------- compiled scan
+# (batch, L, E, N): the channel-blocked form (N 16 or 24, E a multiple of 16), blocks plus
+# per-channel tail channels (E = 100, 600), and the per-channel form only (N = 7)
 @needs_compiler
-@pytest.mark.parametrize("shape", [(1, 251, 576, 24), (3, 37, 96, 16), (2, 50, 130, 7)])
+@pytest.mark.parametrize("shape", [(1, 251, 576, 24), (3, 37, 96, 16), (2, 50, 130, 7), (2, 40, 100, 24),
+                                   (1, 30, 600, 16)])
 def test_cpu_scan_matches_reference(shape):
     inputs = _scan_inputs(*shape)
     expected = selective_scan_reference(*inputs)
@@ -64,6 +68,23 @@ def test_cpu_scan_matches_reference(shape):
     print(shape, "compiled scan vs reference, relative", diff)
     assert diff <= TOLERANCE
     assert state.shape == (shape[0], shape[2], shape[3])
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(2, 60, 576, 24), (1, 33, 100, 16), (2, 20, 40, 7)])
+def test_cpu_scan_gate_matches_reference(shape):
+    """The output gate computed in the scan's loop: y * silu(z), z read in place from rows of 2 E
+    floats (in_proj's output split in two), judged against float64."""
+    inputs = _scan_inputs(*shape)
+    batch, length, inner, _ = shape
+    gate = 3 * torch.randn(batch, length, 2 * inner, generator=torch.Generator().manual_seed(9))[..., inner:]
+    gate[0, 0, 0] = -200.0  # silu's far tail: e^200 overflows float32 unless clamped
+    exact = selective_scan_reference(*(t.double() for t in inputs)) * F.silu(gate.double())
+    ungated, _ = scan_ops.selective_scan_cpu(*inputs)
+    ours, _ = scan_ops.selective_scan_cpu(*inputs, gate=gate)
+    assert torch.isfinite(ours).all()
+    assert_float64_anchored(f"gated scan {shape}", ours, ungated * F.silu(gate), exact, floor=1e-6,
+                            error=relative_error)
 
 
 @needs_compiler
@@ -80,13 +101,16 @@ def test_cpu_scan_carries_state_across_segments():
 
 
 @needs_compiler
-def test_cpu_scan_threads_split_channels_exactly(monkeypatch):
-    inputs = _scan_inputs(2, 64, 576, 24)
+@pytest.mark.parametrize("inner", [576, 600])  # 600: 37 channel blocks and 8 channels of per-channel tail
+def test_cpu_scan_threads_split_channels_exactly(monkeypatch, inner):
+    inputs = _scan_inputs(2, 64, inner, 24)
+    gate = torch.randn(2, 64, inner)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    one, _ = scan_ops.selective_scan_cpu(*inputs)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    three, _ = scan_ops.selective_scan_cpu(*inputs)
-    assert torch.equal(one, three)
+    one, one_state = scan_ops.selective_scan_cpu(*inputs, gate=gate)
+    for threads in (2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        split, split_state = scan_ops.selective_scan_cpu(*inputs, gate=gate)
+        assert torch.equal(one, split) and torch.equal(one_state, split_state)
 
 
 def _mixer(seed=0):

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import hear_msm
-from hear_msm.models import transformer
+from hear_msm.ops import onednn
 from hear_msm.models.transformer import TransformerBlock, TransformerConfig, resolve, set_kernel
 from numerics import FACTOR, assert_float64_anchored, max_abs_error
 
 pytestmark = pytest.mark.numerics
 
-needs_onednn = pytest.mark.skipif(not transformer.onednn_available(), reason="PyTorch without oneDNN")
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="PyTorch without oneDNN")
 
 FLOOR = 1e-7  # the tanh-GELU mistake below is ~1e-4; float32 rounding of a block is ~1e-6
 
@@ -99,7 +99,7 @@ def test_whole_encoder_is_float64_anchored(arch, monkeypatch):
 def test_resolve():
     x32, x64 = torch.zeros(1, 3, 192), torch.zeros(1, 3, 192, dtype=torch.float64)
     wide = torch.zeros(1, 3, 384)
-    expected = "onednn" if transformer.onednn_available() else "reference"
+    expected = "onednn" if onednn.available() else "reference"
     assert resolve("auto", x32, needs_grad=False) == expected
     assert resolve("auto", x32, needs_grad=True) == "reference"
     assert resolve("auto", x64, needs_grad=False) == "reference"
@@ -129,7 +129,7 @@ def test_compiled_graphs_trace_the_reference(monkeypatch):
 
 
 def test_without_onednn_auto_falls_back(monkeypatch):
-    monkeypatch.setattr(transformer, "onednn_available", lambda: False)
+    monkeypatch.setattr(onednn, "available", lambda: False)
     x = torch.zeros(1, 3, 192)
     assert resolve("auto", x, needs_grad=False) == "reference"
     with pytest.raises(ValueError, match="no oneDNN"):

@@ -6,13 +6,13 @@ xLSTM (AxLSTM): a pre-norm ViT over 4x16 log-mel patches, MLP ratio 4, exact GEL
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import onednn
 from .encoder import EncoderConfig, MaskedSpectrogramModel
 from .registry import register_family, register_model
 
@@ -97,16 +97,14 @@ class TransformerBlock(nn.Module):
         result rounded as the reference's on the AMD EPYC measured; tests/test_transformer_fused.py holds
         it to the float64-anchored bound on any CPU.
         """
-        linear = torch.ops.mkldnn._linear_pointwise
         attn, mlp = self.attn, self.mlp
-        qkv = linear(self.norm1(x), attn.qkv_layer.weight, attn.qkv_layer.bias, "none", [], "")
-        x = linear.binary(attn.attend(qkv), x, attn.proj_layer.weight, attn.proj_layer.bias, "add")
+        qkv = onednn.linear(self.norm1(x), attn.qkv_layer.weight, attn.qkv_layer.bias)
+        x = onednn.linear(attn.attend(qkv), attn.proj_layer.weight, attn.proj_layer.bias, residual=x)
         hidden = self.norm2(x)
         if mlp.gelu_approximate == "none":
-            hidden = linear(hidden, mlp.layer1.weight, mlp.layer1.bias, "gelu", [], "none")
+            hidden = onednn.linear(hidden, mlp.layer1.weight, mlp.layer1.bias, "gelu")
         else:  # oneDNN's tanh form rounds differently from ATen's (measured), so ATen's runs after it
-            hidden = F.gelu(linear(hidden, mlp.layer1.weight, mlp.layer1.bias, "none", [], ""),
-                            approximate=mlp.gelu_approximate)
+            hidden = F.gelu(onednn.linear(hidden, mlp.layer1.weight, mlp.layer1.bias), approximate=mlp.gelu_approximate)
         return mlp.layer2(hidden).add_(x)
 
     @torch.no_grad()
@@ -124,11 +122,8 @@ class TransformerBlock(nn.Module):
 # (CPU, float32, no gradients, PyTorch built with oneDNN) and is as accurate, else the reference.
 KERNELS = ("auto", "onednn", "reference")
 
-# Up to K = in_features = 192 (SSAST-tiny, MW-MAE-tiny) oneDNN's Linear and ATen's gave identical
-# bits; from K = 256 on, oneDNN measured 1.2-1.4x ATen's rms error against float64 (as if it summed
-# all K products in one chain where ATen's GEMM sums blocks of K; benchmarks/README.md, note 17),
-# so `auto` keeps wider models on the reference.
-ONEDNN_MAX_WIDTH = 192
+# `auto` keeps models wider than oneDNN's identical-bits width on the reference (`ops.onednn`)
+ONEDNN_MAX_WIDTH = onednn.MAX_WIDTH
 
 
 def check_kernel(kernel: str) -> str:
@@ -136,18 +131,6 @@ def check_kernel(kernel: str) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS} for SSAST (Transformer) models, got {kernel!r}")
     return kernel
-
-
-@functools.cache
-def onednn_available() -> bool:
-    """PyTorch's oneDNN Linear with fused epilogues (`torch.ops.mkldnn._linear_pointwise`) exists here."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        torch.ops.mkldnn._linear_pointwise.binary
-    except (AttributeError, RuntimeError):
-        return False
-    return True
 
 
 def resolve(kernel: str, x: torch.Tensor, needs_grad: bool) -> str:
@@ -161,14 +144,7 @@ def resolve(kernel: str, x: torch.Tensor, needs_grad: bool) -> str:
     # under torch.compile the plain block is traced: inductor fuses the epilogues itself
     if kernel == "reference" or (kernel == "auto" and torch.compiler.is_compiling()):
         return "reference"
-    why_not = ("gradients are needed (it is an inference path)" if needs_grad else
-               f"the input is {x.dtype} on {x.device.type} (it runs float32 on CPU)"
-               if x.device.type != "cpu" or x.dtype != torch.float32 else
-               # autocast would not see the oneDNN op, so its Linears would silently stay float32
-               "CPU autocast is on" if torch.is_autocast_enabled("cpu") else
-               "this PyTorch has no oneDNN Linear with fused epilogues" if not onednn_available() else
-               "oneDNN is switched off (torch.backends.mkldnn.flags(enabled=False))"
-               if not torch._C._get_mkldnn_enabled() else "")
+    why_not = onednn.why_not(x, needs_grad)
     if kernel == "onednn" and why_not:
         raise ValueError(f"kernel='onednn' cannot run: {why_not}; use kernel='auto' or 'reference'")
     if why_not or (kernel == "auto" and x.shape[-1] > ONEDNN_MAX_WIDTH):

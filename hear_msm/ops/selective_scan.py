@@ -36,14 +36,19 @@ def _compile_flags() -> list[str]:
     capability = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ...
     if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
+    if capability == "AVX512":
+        # the channel-blocked scan keeps one 16-channel state row per 512-bit register
+        flags += ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mprefer-vector-width=512"]
     return flags
 
 
 def _declare(library: ctypes.CDLL) -> None:
-    library.hear_msm_selective_scan_parallel.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 5
-    library.hear_msm_selective_scan_parallel.restype = None
-    for name in ("hear_msm_selective_scan", "hear_msm_selective_scan_f64"):
-        getattr(library, name).argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 6
+    # u, delta, A, A_t, B, C, D, z, z_stride, y, state, then the sizes
+    scan_float32 = [ctypes.c_void_p] * 8 + [ctypes.c_long] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4
+    library.hear_msm_selective_scan.argtypes = scan_float32 + [ctypes.c_long] * 2  # e_begin, e_end
+    library.hear_msm_selective_scan_parallel.argtypes = scan_float32 + [ctypes.c_long]  # threads
+    library.hear_msm_selective_scan_f64.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 6
+    for name in ("hear_msm_selective_scan", "hear_msm_selective_scan_parallel", "hear_msm_selective_scan_f64"):
         getattr(library, name).restype = None
     for name in ("hear_msm_selective_scan_backward", "hear_msm_selective_scan_backward_f64"):
         getattr(library, name).argtypes = [ctypes.c_void_p] * 16 + [ctypes.c_long] * 6
@@ -139,14 +144,16 @@ def resolve(kernel: str, tensor_is_cuda: bool) -> str:
 
 
 @c_entry_point
-def selective_scan_cpu(u, delta, A, B, C, D, state: torch.Tensor | None = None):
+def selective_scan_cpu(u, delta, A, B, C, D, state: torch.Tensor | None = None, gate: torch.Tensor | None = None):
     """Compiled selective scan; same contract as `selective_scan_reference(..., return_state=True)`.
 
     u, delta: [batch, L, E]; A: [E, N]; B, C: [batch, L, N]; D: [E]; state: [batch, E, N] or
-    None (zeros). Returns (y [batch, L, E] float32, final state [batch, E, N] float32). No autograd
-    (see `selective_scan_cpu_autograd` for training).
+    None (zeros); gate: [batch, L, E] or None. Returns (y [batch, L, E] float32, final state
+    [batch, E, N] float32), with y multiplied by silu(gate) when a gate is given (the mixer's
+    output gate, computed in the scan's loop instead of two more passes). No autograd (see
+    `selective_scan_cpu_autograd` for training).
     """
-    return _forward(_library_or_raise(), (u, delta, A, B, C, D), state, torch.float32)
+    return _forward(_library_or_raise(), (u, delta, A, B, C, D), state, torch.float32, gate=gate)
 
 
 @c_entry_point
@@ -194,13 +201,19 @@ def _library_or_raise() -> ctypes.CDLL:
     return library
 
 
+# the C scan's channel block (CHANNELS in csrc/selective_scan.c): thread splits fall on its multiples
+CHANNEL_BLOCK = 16
+
+
 def _split_channels(inner: int, work: int) -> list[tuple[int, int]]:
-    """Channel ranges, one per thread. ctypes releases the GIL, so threads can run the C loops
-    at once; small problems stay on the calling thread (the pool round-trip would dominate)."""
+    """Channel ranges, one per thread, split at multiples of CHANNEL_BLOCK (so a channel's bits do
+    not depend on the split). ctypes releases the GIL, so threads can run the C loops at once;
+    small problems stay on the calling thread (the pool round-trip would dominate)."""
     threads = max(1, min(torch.get_num_threads(), inner // 64))
     if threads == 1 or work < 1 << 16:
         return [(0, inner)]
-    bounds = [inner * i // threads for i in range(threads + 1)]
+    blocks = -(-inner // CHANNEL_BLOCK)
+    bounds = [min(inner, blocks * i // threads * CHANNEL_BLOCK) for i in range(threads + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
@@ -215,7 +228,9 @@ def _run(function, ranges: list[tuple[int, int]], per_range) -> None:
         job.result()
 
 
-def _forward(library, inputs, state, dtype):
+def _forward(library, inputs, state, dtype, gate: torch.Tensor | None = None, channel_blocks: bool = True):
+    """The C scan; `gate` (float32 only) multiplies y by silu(gate). `channel_blocks=False` runs
+    every channel in the per-channel form that the channel-blocked one replaced (for its parity test)."""
     tensors = [t.detach().to(dtype).contiguous() for t in inputs]
     batch, length, inner = tensors[0].shape
     nstate = tensors[2].shape[1]
@@ -224,14 +239,31 @@ def _forward(library, inputs, state, dtype):
     else:
         state = state.detach().to(dtype).contiguous().clone()
     y = torch.empty(batch, length, inner, dtype=dtype)
-    pointers = [t.data_ptr() for t in (*tensors, y, state)]
-    function = library.hear_msm_selective_scan_f64 if dtype == torch.float64 else library.hear_msm_selective_scan
-    # each thread owns a slice of the channels of y and state
     ranges = _split_channels(inner, batch * length * inner)
-    if len(ranges) > 1 and dtype == torch.float32 and _KERNEL.uses_openmp:
+    if dtype == torch.float64:
+        if gate is not None:
+            raise ValueError("the float64 scan (for gradcheck) takes no gate")
+        pointers = [t.data_ptr() for t in (*tensors, y, state)]
+        _run(library.hear_msm_selective_scan_f64, ranges,
+             lambda i, lo, hi: (*pointers, batch, length, inner, nstate, lo, hi))
+        return y, state
+    u, delta, A, B, C, D = tensors
+    A_t = A.t().contiguous() if channel_blocks else None  # [N, E]: the blocked form reads a state row per vector
+    z_stride = 0
+    if gate is not None:
+        gate = gate.detach().to(dtype)
+        if gate.stride(-1) != 1 or (batch > 1 and gate.stride(0) != length * gate.stride(1)):
+            gate = gate.contiguous()  # rows of any stride (in_proj's output split in two) are read in place
+        z_stride = gate.stride(1)
+    pointers = [u.data_ptr(), delta.data_ptr(), A.data_ptr(), None if A_t is None else A_t.data_ptr(),
+                B.data_ptr(), C.data_ptr(), D.data_ptr(), None if gate is None else gate.data_ptr(), z_stride,
+                y.data_ptr(), state.data_ptr()]
+    # each thread owns a slice of the channels of y and state
+    if len(ranges) > 1 and _KERNEL.uses_openmp:
         library.hear_msm_selective_scan_parallel(*pointers, batch, length, inner, nstate, len(ranges))
     else:
-        _run(function, ranges, lambda i, lo, hi: (*pointers, batch, length, inner, nstate, lo, hi))
+        _run(library.hear_msm_selective_scan, ranges,
+             lambda i, lo, hi: (*pointers, batch, length, inner, nstate, lo, hi))
     return y, state
 
 

@@ -218,21 +218,26 @@ static inline float vsum(vfloat v) {
     return v[0];
 }
 
+/* picks[d][l] = (l / bs) * bs + d: the lane of x that lane l of the d-th product of `blockdiag`
+   reads (its block's d-th input). Built once per call of the layer: built inside the projection,
+   these 16 stores per product cost more than the projection's arithmetic. */
+static void blockdiag_picks(vint *picks, long bs) {
+    for (long d = 0; d < bs && d < LANES; ++d)
+        for (int l = 0; l < LANES; ++l) picks[d][l] = (int32_t)((l / bs) * bs + d);
+}
+
 /* out[c] = sum_d x[(c / bs) * bs + d] * w_t[d * D + c]: xlstm's block-diagonal (head-wise) q/k/v
-   projection of one token, blocks of bs; w_t [bs, D] holds weight[c / bs, c % bs, d] at [d, c]. */
+   projection of one token, blocks of bs; w_t [bs, D] holds weight[c / bs, c % bs, d] at [d, c];
+   picks from `blockdiag_picks`. */
 static void blockdiag(float *restrict out, const float *restrict x, const float *restrict w_t, long D, long bs,
-                      float scale) {
+                      const vint *restrict picks) {
 #if defined(__GNUC__) && !defined(__clang__)
     if (LANES % bs == 0 && D % LANES == 0) {
         for (long c0 = 0; c0 < D; c0 += LANES) {
             const vfloat xv = vload(x + c0);
             vfloat acc = vsplat(0.0f);
-            for (long d = 0; d < bs; ++d) {
-                vint pick;
-                for (int l = 0; l < LANES; ++l) pick[l] = (int32_t)((l / bs) * bs + d);
-                acc += vload(w_t + d * D + c0) * __builtin_shuffle(xv, pick);
-            }
-            acc *= vsplat(scale);
+            for (long d = 0; d < bs; ++d)
+                acc += vload(w_t + d * D + c0) * __builtin_shuffle(xv, picks[d]);
             memcpy(out + c0, &acc, sizeof acc);
         }
         return;
@@ -241,7 +246,7 @@ static void blockdiag(float *restrict out, const float *restrict x, const float 
     for (long c = 0; c < D; ++c) {
         float acc = 0.0f;
         for (long d = 0; d < bs; ++d) acc += w_t[d * D + c] * x[(c / bs) * bs + d];
-        out[c] = acc * scale;
+        out[c] = acc;
     }
 }
 
@@ -259,6 +264,8 @@ void hear_msm_mlstm_layer_in(const float *restrict up, const float *restrict con
                              float *restrict gates, long L, long D, long K, long bs, long G, float k_scale,
                              long n_begin, long n_end) {
     float k_raw[D + LANES];
+    vint picks[LANES];
+    blockdiag_picks(picks, bs);
     for (long n = n_begin; n < n_end; ++n) {
         const long t = n % L;
         float *restrict a = act + n * D;
@@ -273,9 +280,9 @@ void hear_msm_mlstm_layer_in(const float *restrict up, const float *restrict con
         /* silu with the sum and division in double, rounded once */
         for (long c = 0; c < D; ++c) a[c] = (float)((double)a[c] / (1.0 + (double)exp_any(-a[c])));
         float *restrict qn = q + n * D, *restrict kn = k + n * D, *restrict vn = v + n * D;
-        blockdiag(qn, a, wq_t, D, bs, 1.0f);
-        blockdiag(k_raw, a, wk_t, D, bs, 1.0f);
-        blockdiag(vn, up + n * 2 * D, wv_t, D, bs, 1.0f);
+        blockdiag(qn, a, wq_t, D, bs, picks);
+        blockdiag(k_raw, a, wk_t, D, bs, picks);
+        blockdiag(vn, up + n * 2 * D, wv_t, D, bs, picks);
         for (long c = 0; c < D; ++c) kn[c] = k_raw[c] * k_scale;
         for (long g = 0; g < G; ++g) {
             const float *restrict w = w_gates + g * 3 * D;

@@ -27,6 +27,11 @@ static inline float exp_nonpositive(float x) {
     return exp_in_range(x < -87.0f ? -87.0f : x);
 }
 
+/* e^x for any x, clamped to [-87, 88]. */
+static inline float exp_clamped(float x) {
+    return exp_in_range(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
+}
+
 /* u, delta, y: [batch, length, inner]; A: [inner, nstate]; B, C: [batch, length, nstate];
    D: [inner]; state: [batch, inner, nstate], read as h_0 and overwritten with h_length.
    Channels [e_begin, e_end) only, so that threads can split the channels. NS > 0 fixes the
@@ -152,30 +157,122 @@ BACKWARD(backward_n24, float, exp_nonpositive, 24)
 BACKWARD(backward_any, float, exp_nonpositive, 0)
 BACKWARD(backward_f64, double, exp, 0)
 
-void hear_msm_selective_scan(const float *u, const float *delta, const float *A, const float *B,
-                             const float *C, const float *D, float *y, float *state, long batch,
-                             long length, long inner, long nstate, long e_begin, long e_end) {
-    if (nstate == 16)
-        scan_n16(u, delta, A, B, C, D, y, state, batch, length, inner, nstate, e_begin, e_end);
-    else if (nstate == 24)
-        scan_n24(u, delta, A, B, C, D, y, state, batch, length, inner, nstate, e_begin, e_end);
-    else
-        scan_any(u, delta, A, B, C, D, y, state, batch, length, inner, nstate, e_begin, e_end);
+/* SiLU-gated output y * silu(z) = y z / (1 + e^-z), the division in double and rounded once
+   (PyTorch's `y * F.silu(z)` rounds twice). */
+static inline float gated(float y, float z) {
+    return (float)((double)y * (double)z / (1.0 + (double)exp_clamped(-z)));
 }
 
-/* All channels, split over `threads` OpenMP threads. Built with -fopenmp this .so resolves
+/* The scan of KERNEL above for CHANNELS channels at once, vectorised across channels instead of
+   across the state: every state row h[n][0..CHANNELS) is one vector (one zmm register with
+   AVX-512), the product with C_t is summed per channel in registers, so no horizontal sum is
+   needed per channel and time step as in KERNEL. Same arithmetic per state element; y's sum over
+   n runs in four interleaved partial sums (n mod 4), added pairwise: four short dependency
+   chains instead of one of N additions, and a smaller rounding error than one running sum
+   (tests/test_fused_defaults.py). A_t is A transposed, [nstate, inner]. With z
+   (rows of z_stride floats, e.g. in_proj's gate half) the output is gated: y * silu(z).
+   Channels [e_begin, e_begin + CHANNELS) of every clip; state as in KERNEL, [batch, inner, nstate]. */
+#define CHANNELS 16
+/* state row n of the block at one time step, its product with C_t added to `acc` */
+#define STATE_STEP(n, acc)                                                                       \
+    for (long j = 0; j < CHANNELS; ++j) {                                                        \
+        const float hn = exp_nonpositive(dt[j] * a[n][j]) * h[n][j] + x[j] * Bt[n];              \
+        h[n][j] = hn;                                                                            \
+        acc[j] += hn * Ct[n];                                                                    \
+    }
+/* NS: the state size, a multiple of 4 */
+#define BLOCKED(NAME, NS)                                                                        \
+static void NAME(const float *restrict u, const float *restrict delta, const float *restrict A_t,\
+                 const float *restrict B, const float *restrict C, const float *restrict D,     \
+                 const float *restrict z, long z_stride, float *restrict y,                     \
+                 float *restrict state, long batch, long length, long inner, long e_begin) {    \
+    float h[NS][CHANNELS], a[NS][CHANNELS];                                                       \
+    for (long b = 0; b < batch; ++b) {                                                           \
+        float *restrict h0 = state + (b * inner + e_begin) * NS;                                 \
+        for (long j = 0; j < CHANNELS; ++j)                                                      \
+            for (long n = 0; n < NS; ++n) h[n][j] = h0[j * NS + n];                              \
+        for (long n = 0; n < NS; ++n)                                                            \
+            for (long j = 0; j < CHANNELS; ++j) a[n][j] = A_t[n * inner + e_begin + j];          \
+        for (long t = 0; t < length; ++t) {                                                      \
+            const long row = b * length + t;                                                     \
+            const float *restrict ut = u + row * inner + e_begin;                                \
+            const float *restrict dt = delta + row * inner + e_begin;                            \
+            const float *restrict Bt = B + row * NS, *restrict Ct = C + row * NS;                \
+            float x[CHANNELS], acc0[CHANNELS], acc1[CHANNELS], acc2[CHANNELS], acc3[CHANNELS];   \
+            for (long j = 0; j < CHANNELS; ++j) {                                                \
+                x[j] = dt[j] * ut[j];                                                            \
+                acc0[j] = acc1[j] = acc2[j] = acc3[j] = 0.0f;                                    \
+            }                                                                                    \
+            for (long n = 0; n < NS; n += 4) {                                                   \
+                STATE_STEP(n, acc0) STATE_STEP(n + 1, acc1)                                      \
+                STATE_STEP(n + 2, acc2) STATE_STEP(n + 3, acc3)                                  \
+            }                                                                                    \
+            float *restrict yt = y + row * inner + e_begin;                                      \
+            for (long j = 0; j < CHANNELS; ++j)                                                  \
+                yt[j] = ((acc0[j] + acc1[j]) + (acc2[j] + acc3[j])) + D[e_begin + j] * ut[j];    \
+            if (z) {                                                                             \
+                const float *restrict zt = z + row * z_stride + e_begin;                         \
+                for (long j = 0; j < CHANNELS; ++j) yt[j] = gated(yt[j], zt[j]);                 \
+            }                                                                                    \
+        }                                                                                        \
+        for (long j = 0; j < CHANNELS; ++j)                                                      \
+            for (long n = 0; n < NS; ++n) h0[j * NS + n] = h[n][j];                              \
+    }                                                                                            \
+}
+BLOCKED(blocked_n16, 16)
+BLOCKED(blocked_n24, 24)
+
+/* The float32 scan of channels [e_begin, e_end), gated by silu(z) when z is not NULL. For 16 or
+   24 states, the whole blocks of CHANNELS channels counted from channel 0 take the blocked form
+   and the remaining channels KERNEL's, so that which code computes a channel (and so its bits)
+   depends only on the channel, never on how threads split the range (callers split at multiples
+   of CHANNELS). A_t: A transposed, [nstate, inner], read by the blocked form only; NULL runs
+   every channel in KERNEL's form (the form the blocked one replaced, kept for its parity test). */
+void hear_msm_selective_scan(const float *u, const float *delta, const float *A, const float *A_t,
+                             const float *B, const float *C, const float *D, const float *z, long z_stride,
+                             float *y, float *state, long batch, long length, long inner, long nstate,
+                             long e_begin, long e_end) {
+    long e = e_begin;
+    if (A_t && (nstate == 16 || nstate == 24) && e_begin % CHANNELS == 0) {
+        const long whole_blocks_end = inner / CHANNELS * CHANNELS < e_end ? inner / CHANNELS * CHANNELS : e_end;
+        for (; e + CHANNELS <= whole_blocks_end; e += CHANNELS) {
+            if (nstate == 16)
+                blocked_n16(u, delta, A_t, B, C, D, z, z_stride, y, state, batch, length, inner, e);
+            else
+                blocked_n24(u, delta, A_t, B, C, D, z, z_stride, y, state, batch, length, inner, e);
+        }
+    }
+    if (e >= e_end)
+        return;
+    if (nstate == 16)
+        scan_n16(u, delta, A, B, C, D, y, state, batch, length, inner, nstate, e, e_end);
+    else if (nstate == 24)
+        scan_n24(u, delta, A, B, C, D, y, state, batch, length, inner, nstate, e, e_end);
+    else
+        scan_any(u, delta, A, B, C, D, y, state, batch, length, inner, nstate, e, e_end);
+    if (z)
+        for (long row = 0; row < batch * length; ++row)
+            for (long c = e; c < e_end; ++c)
+                y[row * inner + c] = gated(y[row * inner + c], z[row * z_stride + c]);
+}
+
+/* All channels, split over `threads` OpenMP threads at multiples of CHANNELS. Built with -fopenmp this .so resolves
    libgomp.so.1 to the copy PyTorch has already loaded, so these threads are PyTorch's own
    intra-op team: they are still spinning from the op before and start at once, where a
    separate pool competes with them for the cores (benchmarks/README.md, note 15). */
-void hear_msm_selective_scan_parallel(const float *u, const float *delta, const float *A, const float *B,
-                                      const float *C, const float *D, float *y, float *state, long batch,
-                                      long length, long inner, long nstate, long threads) {
+void hear_msm_selective_scan_parallel(const float *u, const float *delta, const float *A, const float *A_t,
+                                      const float *B, const float *C, const float *D, const float *z,
+                                      long z_stride, float *y, float *state, long batch, long length,
+                                      long inner, long nstate, long threads) {
+    const long blocks = (inner + CHANNELS - 1) / CHANNELS;
 #ifdef _OPENMP
     #pragma omp parallel for num_threads(threads) schedule(static)
 #endif
-    for (long i = 0; i < threads; ++i)
-        hear_msm_selective_scan(u, delta, A, B, C, D, y, state, batch, length, inner, nstate,
-                                inner * i / threads, inner * (i + 1) / threads);
+    for (long i = 0; i < threads; ++i) {
+        const long lo = blocks * i / threads * CHANNELS, hi = blocks * (i + 1) / threads * CHANNELS;
+        hear_msm_selective_scan(u, delta, A, A_t, B, C, D, z, z_stride, y, state, batch, length, inner, nstate,
+                                lo, hi < inner ? hi : inner);
+    }
 }
 
 void hear_msm_selective_scan_f64(const double *u, const double *delta, const double *A, const double *B,
@@ -206,11 +303,6 @@ void hear_msm_selective_scan_backward_f64(const double *u, const double *delta, 
                                           double *work, long batch, long length, long inner, long nstate,
                                           long e_begin, long e_end) {
     backward_f64(BACKWARD_ARGS);
-}
-
-/* e^x for any x, clamped to [-87, 88]. */
-static inline float exp_clamped(float x) {
-    return exp_in_range(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
 }
 
 /* The mixer's depthwise causal conv and SiLU before the scan, for inference, tokens
