@@ -8,8 +8,12 @@ speed does not depend on them), default chunks per call. Variants:
   axlstm_tiny auto       the default: the fused compiled layer (`hear_msm.ops.mlstm.mlstm_layer_cpu`)
   axlstm_tiny cpu        the previous default: xlstm's layer around the exact compiled cell
   axlstm_tiny reference  xlstm's own PyTorch forward
-  ssam_tiny              the default: the mixer's conv + SiLU in one C pass (`causal_conv_silu_cpu`)
-  ssam_tiny torch-conv   the previous default: oneDNN's conv and PyTorch's SiLU before the compiled scan
+  ssam_tiny              the default: the mixer's conv + SiLU in one C pass (`causal_conv_silu_cpu`),
+                         the channel-blocked scan with the output gate in its loop, in_proj on oneDNN
+  ssam_tiny per-channel  the default before the blocked scan: the per-channel scan, PyTorch's
+                         y * silu(z) and ATen's in_proj (note 23)
+  ssam_tiny torch-conv   the default before that: oneDNN's conv and PyTorch's SiLU before the scan
+                         (note 18), with today's scan
 
 Every variant runs once per round, rounds interleaved (order reversed every other round); reported:
 the median x realtime and the median of the per-round ratios to ssast_tiny and to `cpu`.
@@ -26,6 +30,7 @@ import torch
 
 import hear_msm
 from hear_msm._hear import HearModel
+from hear_msm.ops import onednn
 from hear_msm.ops import selective_scan as scan_ops
 from _util import CLOCKS, progress, table, write_json
 
@@ -37,19 +42,28 @@ def torch_conv_silu(x, weight, bias):
     return torch.nn.functional.silu(conv[..., :length]).transpose(1, 2).contiguous()
 
 
-class WithTorchConv:
-    """A HEAR runtime whose SSAM mixers run the previous conv + SiLU while it embeds."""
+def per_channel_scan(u, delta, A, B, C, D, state=None, gate=None):
+    """SSAM's scan as before the channel-blocked form: per-channel C loop, then PyTorch's gate."""
+    y, state = scan_ops._forward(scan_ops.load_library(), (u, delta, A, B, C, D), state, torch.float32,
+                                 channel_blocks=False)
+    return (y if gate is None else y * torch.nn.functional.silu(gate.float())), state
 
-    def __init__(self, runtime):
-        self.runtime = runtime
+
+class Patched:
+    """A HEAR runtime that embeds with some module attributes replaced ((module, name) -> value)."""
+
+    def __init__(self, runtime, patches: dict):
+        self.runtime, self.patches = runtime, patches
 
     def timestamp_embeddings(self, audio):
-        compiled = scan_ops.causal_conv_silu_cpu
-        scan_ops.causal_conv_silu_cpu = torch_conv_silu
+        saved = {key: getattr(*key) for key in self.patches}
+        for (module, name), value in self.patches.items():
+            setattr(module, name, value)
         try:
             return self.runtime.timestamp_embeddings(audio)
         finally:
-            scan_ops.causal_conv_silu_cpu = compiled
+            for (module, name), value in saved.items():
+                setattr(module, name, value)
 
 
 def main():
@@ -75,7 +89,10 @@ def main():
         if not args.no_ssam:
             torch.manual_seed(0)
             variants["ssam_tiny"] = HearModel(hear_msm.create_model("ssam_tiny"))
-            variants["ssam_tiny torch-conv"] = WithTorchConv(variants["ssam_tiny"])
+            variants["ssam_tiny per-channel"] = Patched(variants["ssam_tiny"], {
+                (scan_ops, "selective_scan_cpu"): per_channel_scan, (onednn, "takes"): lambda *args: False})
+            variants["ssam_tiny torch-conv"] = Patched(variants["ssam_tiny"], {
+                (scan_ops, "causal_conv_silu_cpu"): torch_conv_silu})
         for runtime in variants.values():
             runtime.timestamp_embeddings(audio)  # warm-up: kernels built, allocator primed
         names = list(variants)
@@ -86,7 +103,7 @@ def main():
                 start = clock()
                 variants[name].timestamp_embeddings(audio)
                 speed[name].append(audio.numel() / 16000 / (clock() - start))
-        previous = {"axlstm_tiny": speed.get("axlstm_tiny cpu"), "ssam_tiny": speed.get("ssam_tiny torch-conv")}
+        previous = {"axlstm_tiny": speed.get("axlstm_tiny cpu"), "ssam_tiny": speed.get("ssam_tiny per-channel")}
         for name in names:
             old = previous.get(name.split()[0])
             rows.append({"batch": batch, "variant": name, "x_realtime": statistics.median(speed[name]),

@@ -343,7 +343,7 @@ def test_both_directions_use_the_compiled_scan_for_inference_and_training(monkey
     calls = []
     for name in ("selective_scan_cpu", "selective_scan_cpu_autograd"):
         original = getattr(scan_ops, name)
-        monkeypatch.setattr(scan_ops, name, lambda *a, _f=original, _n=name: calls.append((_n, a[0].shape)) or _f(*a))
+        monkeypatch.setattr(scan_ops, name, lambda *a, _f=original, _n=name, **k: calls.append((_n, a[0].shape)) or _f(*a, **k))
     mixer = _mixer("auto")
     x = torch.randn(2, 37, 32)
     with torch.no_grad():

@@ -10,7 +10,9 @@ selective scan runs in its fused kernel instead; both paths take the same inputs
 never imported on a machine without CUDA (its import needs Triton and the CUDA extension).
 On CPU, inference and training use a small compiled C scan with its own backward
 (`hear_msm.ops.selective_scan`, built on first use with the system compiler; its speed against the
-PyTorch reference is measured in benchmarks/). Which scan runs is decided in one place,
+PyTorch reference is measured in benchmarks/); for inference the causal conv + SiLU before it and
+the output gate after it run in C too, and in_proj takes oneDNN's Linear where that gives the same
+bits (`hear_msm.ops.onednn`). Which scan runs is decided in one place,
 `hear_msm.ops.selective_scan.resolve`.
 """
 from __future__ import annotations
@@ -80,6 +82,11 @@ class MambaMixer(nn.Module):
         with torch.no_grad():
             return self._mix(hidden, state if state is not None else ())
 
+    def needs_grad(self, hidden: torch.Tensor) -> bool:
+        """Whether this call must be differentiable: any trainable parameter counts, as the inference
+        paths (compiled scan, oneDNN in_proj) detach their inputs."""
+        return torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))
+
     def project_in(self, hidden: torch.Tensor, path: str, needs_grad: bool) -> torch.Tensor:
         """in_proj: [B, L, D] -> [B, L, 2 E]. On the compiled CPU path, oneDNN's Linear where it gives
         ATen's bits (`ops.onednn.takes`: D <= 192, the tiny models), faster for this shape."""
@@ -91,8 +98,7 @@ class MambaMixer(nn.Module):
         length = hidden.shape[1]
         rank, n = self.config.resolved_dt_rank, self.config.d_state
         ssm_state = new_state = None
-        # any trainable parameter counts: the inference scan detaches its inputs
-        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))
+        needs_grad = self.needs_grad(hidden)
         path = scan_ops.resolve(self.kernel, hidden.is_cuda)
         u, gate = self.project_in(hidden, path, needs_grad).chunk(2, dim=-1)  # [B, L, E] each
         if state is None and path == "cpu" and not needs_grad and u.dtype == torch.float32:

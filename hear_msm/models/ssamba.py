@@ -94,7 +94,8 @@ class BiMambaMixer(MambaMixer):
         self.dt_proj_b = nn.Linear(rank, inner)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x, gate = self.in_proj(hidden).chunk(2, dim=-1)  # [B, L, E] each
+        path = scan_ops.resolve(self.kernel, hidden.is_cuda)
+        x, gate = self.project_in(hidden, path, self.needs_grad(hidden)).chunk(2, dim=-1)  # [B, L, E] each
         forward = self.scan_direction(x, gate, reverse=False)
         backward = self.scan_direction(x.flip(1), gate.flip(1), reverse=True).flip(1)
         return self.out_proj((forward + backward) / 2)
@@ -127,14 +128,14 @@ class BiMambaMixer(MambaMixer):
         if path == "cuda":
             return fused_cuda_scan(u, dt, A, B, C, gate, dt_proj, D).to(x.dtype)
         delta = F.softplus(dt_proj(dt).to(compute))
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        needs_grad = self.needs_grad(x)
         args = (u.to(compute), delta, A, B.to(compute), C.to(compute), D.to(compute))
         if path == "reference":
             y = scan_ops.selective_scan_reference(*args)
         elif needs_grad or compute == torch.float64:  # the inference entry point is float32 only
             y = scan_ops.selective_scan_cpu_autograd(*args)
-        else:
-            y = scan_ops.selective_scan_cpu(*args)[0]
+        else:  # inference: the output gate y * silu(z) computed in the scan's loop
+            return scan_ops.selective_scan_cpu(*args, gate=gate)[0].to(x.dtype)
         return (y * F.silu(gate.to(compute))).to(x.dtype)
 
     @torch.no_grad()

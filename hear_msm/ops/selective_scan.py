@@ -6,11 +6,13 @@ kernel fuses the whole recurrence into one loop that keeps the state [E, N] of o
 
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t,    y_t = h_t . C_t + D * u_t
 
-The forward is ~40 lines of C with no Python or torch headers, so it compiles in well under a second
-with any `cc`; the shared library is cached under `$HEAR_MSM_CACHE` (default
-`~/.cache/hear_msm`), keyed by a hash of source and flags. `exp` is a Cephes-style polynomial
-(relative error ~1e-7 for the non-positive arguments the scan produces) so that the inner loop
-vectorises. Training: a compiled backward (the adjoint recursion run backwards in time, with the
+The C has no Python or torch headers, so it compiles in about a second with any `cc`; the shared
+library is cached under `$HEAR_MSM_CACHE` (default `~/.cache/hear_msm`), keyed by a hash of source
+and flags. `exp` is a Cephes-style polynomial (relative error ~1e-7 for the non-positive arguments
+the scan produces) so that the inner loop vectorises. For the state sizes of the models (16, 24) the
+inference forward runs 16 channels at a time, vectorised across channels (one state row per
+vector), and can multiply by the mixer's output gate silu(z) in the same loop; other sizes and the
+last E mod 16 channels take the per-channel loop. Training: a compiled backward (the adjoint recursion run backwards in time, with the
 states recomputed per channel rather than stored; see the comment at BACKWARD) wrapped in a
 torch.autograd.Function (`selective_scan_cpu_autograd`), which replaces the reference scan's
 autograd graph of ~5 [batch, E, N] tensors per time step (14 GB for ssam_tiny at batch 8).
