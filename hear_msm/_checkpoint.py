@@ -152,7 +152,7 @@ def _to_plain(obj: Any, memo: dict[int, Any]) -> Any:
 
     ``ConfigDict`` records become the dict of their ``_fields``; ``FrozenConfigDict`` records
     their ``_configdict``; ``FieldReference`` records their ``_value``; ``Namespace`` records
-    their attribute dict. The input passed :func:`hear_msm._torch_file._check_structure` (no
+    their attribute dict. The input passed :func:`hear_msm._restricted_pickle.check_structure` (no
     cycles, bounded depth); ``memo`` (by ``id``) converts a shared part once.
     """
     if id(obj) in memo:
