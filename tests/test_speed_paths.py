@@ -88,6 +88,13 @@ def test_cpu_scan_gate_matches_reference(shape):
 
 
 @needs_compiler
+def test_cpu_scan_refuses_a_gate_of_another_shape():
+    inputs = _scan_inputs(2, 10, 32, 16)
+    with pytest.raises(ValueError, match="gate must have u's shape"):
+        scan_ops.selective_scan_cpu(*inputs, gate=torch.randn(2, 10, 16))
+
+
+@needs_compiler
 def test_cpu_scan_carries_state_across_segments():
     u, delta, A, B, C, D = _scan_inputs(2, 90, 64, 24)
     whole, final = scan_ops.selective_scan_cpu(u, delta, A, B, C, D)

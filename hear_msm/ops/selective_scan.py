@@ -12,10 +12,11 @@ and flags. `exp` is a Cephes-style polynomial (relative error ~1e-7 for the non-
 the scan produces) so that the inner loop vectorises. For the state sizes of the models (16, 24) the
 inference forward runs 16 channels at a time, vectorised across channels (one state row per
 vector), and can multiply by the mixer's output gate silu(z) in the same loop; other sizes and the
-last E mod 16 channels take the per-channel loop. Training: a compiled backward (the adjoint recursion run backwards in time, with the
-states recomputed per channel rather than stored; see the comment at BACKWARD) wrapped in a
-torch.autograd.Function (`selective_scan_cpu_autograd`), which replaces the reference scan's
-autograd graph of ~5 [batch, E, N] tensors per time step (14 GB for ssam_tiny at batch 8).
+last E mod 16 channels take the per-channel loop. Training: a compiled backward (the adjoint
+recursion run backwards in time, with the states recomputed per channel rather than stored; see
+the comment at BACKWARD) wrapped in a torch.autograd.Function (`selective_scan_cpu_autograd`),
+which replaces the reference scan's autograd graph of ~5 [batch, E, N] tensors per time step
+(14 GB for ssam_tiny at batch 8).
 Parity: tests/test_speed_paths.py, tests/test_scan_backward.py.
 
 The library is linked without -ffast-math: gcc would otherwise link crtfastmath.o, which turns
@@ -253,6 +254,8 @@ def _forward(library, inputs, state, dtype, gate: torch.Tensor | None = None, ch
     A_t = A.t().contiguous() if channel_blocks else None  # [N, E]: the blocked form reads a state row per vector
     z_stride = 0
     if gate is not None:
+        if tuple(gate.shape) != (batch, length, inner):  # the C reads every element of these rows
+            raise ValueError(f"the scan's gate must have u's shape {(batch, length, inner)}, got {tuple(gate.shape)}")
         gate = gate.detach().to(dtype)
         if gate.stride(-1) != 1 or (batch > 1 and gate.stride(0) != length * gate.stride(1)):
             gate = gate.contiguous()  # rows of any stride (in_proj's output split in two) are read in place
