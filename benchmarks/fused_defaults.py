@@ -16,7 +16,8 @@ speed does not depend on them), default chunks per call. Variants:
                          (note 18), with today's scan
 
 Every variant runs once per round, rounds interleaved (order reversed every other round); reported:
-the median x realtime and the median of the per-round ratios to ssast_tiny and to `cpu`.
+the median x realtime and the median of the per-round ratios to ssast_tiny and to the path each
+default replaced (`axlstm_tiny cpu`, `ssam_tiny per-channel`).
 --clock cpu times the calling thread's CPU time (one thread only), as benchmarks/throughput.py.
 
     python benchmarks/fused_defaults.py --batch 1 16 --clock cpu --rounds 7 --out benchmarks/results/fused_defaults.json
