@@ -151,6 +151,9 @@ class Job:
     def name(self) -> str:
         return f"{self.spec.label} / {self.task.name}"
 
+    def predictions_dir(self, out: Path) -> Path:
+        return out / "predictions" / self.spec.label / self.task.name
+
 
 def job_order(specs: list[ModelSpec], tasks: list[Path]) -> list[Job]:
     """Every (model, task) once, task-major: tasks in the order given, models in --models order.
@@ -287,6 +290,12 @@ def embedding_dir(out: Path, spec: ModelSpec, task: str) -> Path | None:
     return found[0] if found else None
 
 
+def embeddings_finished(out: Path, spec: ModelSpec, task: str) -> bool:
+    """Whether heareval finished the embeddings of (model, task) (its `.done.embeddings` marker)."""
+    found = embedding_dir(out, spec, task)
+    return found is not None and (found / ".done.embeddings").is_file()
+
+
 def check_model_record(out: Path, spec: ModelSpec) -> None:
     """OUT/embeddings/<model>/model.json pins module, weights and options to the model's name.
 
@@ -334,10 +343,9 @@ def run_embeddings(out: Path, spec: ModelSpec, task_path: Path, log: Path, threa
     if spec.weights:
         cmd += ["--model", spec.weights]
     _run_logged(cmd, log, threads, stop)
-    found = embedding_dir(out, spec, task_path.name)
-    if found is None or not (found / ".done.embeddings").is_file():
+    if not embeddings_finished(out, spec, task_path.name):
         raise RuntimeError(f"heareval's embeddings runner finished without .done.embeddings; see {log}")
-    return found
+    return embedding_dir(out, spec, task_path.name)
 
 
 def run_predictions(embed_dir: Path, pred_dir: Path, seeds: list[int], grid: str, grid_points: int,
@@ -368,9 +376,8 @@ def run_job(out: Path, job: Job, seeds: list[int], grid: str, grid_points: int, 
         todo = [s for s in seeds if s not in job.finished]
         if todo:
             progress.stage(job, f"seeds {todo[0]}..{todo[-1]}")
-            run_predictions(embedding_dir(out, job.spec, job.task.name), out / "predictions" / job.spec.label /
-                            job.task.name, todo, grid, grid_points, logs / f"{job.task.name}.predictions.log",
-                            threads, stop, progress)
+            run_predictions(embedding_dir(out, job.spec, job.task.name), job.predictions_dir(out), todo, grid,
+                            grid_points, logs / f"{job.task.name}.predictions.log", threads, stop, progress)
     finally:
         progress.stage(job, None)
 
@@ -517,9 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     done_units = 0
     try:
         for job in jobs:
-            found = embedding_dir(out, job.spec, job.task.name)
-            job.embedded = found is not None and (found / ".done.embeddings").is_file()
-            pred_dir = out / "predictions" / job.spec.label / job.task.name
+            job.embedded = embeddings_finished(out, job.spec, job.task.name)
+            pred_dir = job.predictions_dir(out)
             job.finished = [s for s in seeds if seed_done(pred_dir, s, args.grid, args.grid_points)]
             done_units += job.embedded + len(job.finished)
         for label in dict.fromkeys(job.spec.label for job in jobs if not job.embedded):

@@ -59,8 +59,6 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
         input shape compiles; the result is cached on disk per machine and architecture). For long
         evaluations; see `hear_msm._compile`.
     """
-    from ._precision import check_precision, set_precision
-    from ._compile import check_compile, compile_encoder
     from .models.registry import model_builder
 
     if not isinstance(name, str):
@@ -76,19 +74,16 @@ def create_model(name: str, pretrained: bool | str = False, kernel: str = "auto"
         if pretrained not in (False, True, ""):
             raise ValueError(f"{name!r} already names weights; do not pass pretrained={pretrained!r} as well")
         pretrained = f"{arch}.{tag}"
-    check_precision(precision)  # before any weights are read
-    check_compile(compile, precision)
-    builder = model_builder(arch)
-    model = set_precision(builder(kernel=kernel), precision)
-    if pretrained is False:
-        return compile_encoder(model) if compile else model
-    from ._weights import load_state_strict, load_weights
+    _check_runtime_options(precision, compile)
+    model = model_builder(arch)(kernel=kernel)
+    if pretrained is not False:
+        from ._weights import load_state_strict, load_weights
 
-    weights = load_weights("" if pretrained is True else pretrained, arch=arch)
-    load_state_strict(model, weights)
-    model.weights_source = weights.source
-    model.weights_facts = weights.facts
-    return compile_encoder(model) if compile else model
+        weights = load_weights("" if pretrained is True else pretrained, arch=arch)
+        load_state_strict(model, weights)
+        model.weights_source = weights.source
+        model.weights_facts = weights.facts
+    return _apply_runtime_options(model, precision, compile)
 
 
 def load_model(source: str | os.PathLike, kernel: str = "auto", precision: str = "fp32",
@@ -101,11 +96,25 @@ def load_model(source: str | os.PathLike, kernel: str = "auto", precision: str =
         downloaded on first use if it is not shipped).
     kernel, precision, compile: as in `create_model`.
     """
-    from ._compile import check_compile, compile_encoder
-    from ._precision import check_precision, set_precision
     from ._weights import instantiate, load_weights
+
+    _check_runtime_options(precision, compile)
+    return _apply_runtime_options(instantiate(load_weights(source), kernel=kernel), precision, compile)
+
+
+def _check_runtime_options(precision: str, compile: bool) -> None:
+    """ValueError for a precision or compile value this machine cannot run, before any weights are read."""
+    from ._compile import check_compile
+    from ._precision import check_precision
 
     check_precision(precision)
     check_compile(compile, precision)
-    model = set_precision(instantiate(load_weights(source), kernel=kernel), precision)
+
+
+def _apply_runtime_options(model: MaskedSpectrogramModel, precision: str, compile: bool) -> MaskedSpectrogramModel:
+    """`model` switched to `precision` (`hear_msm._precision`), then compiled if asked (`hear_msm._compile`)."""
+    from ._compile import compile_encoder
+    from ._precision import set_precision
+
+    model = set_precision(model, precision)
     return compile_encoder(model) if compile else model

@@ -170,7 +170,9 @@ class HearModel(nn.Module):
     @property
     def precision(self) -> str:
         """"fp32" or "bf16" (`hear_msm._precision.set_precision` on the encoder)."""
-        return getattr(self.encoder, "precision", "fp32")
+        from ._precision import model_precision
+
+        return model_precision(self.encoder)
 
     # ----------------------------------------------------------------------------- geometry
     def plan(self, num_samples: int) -> tuple[int, int]:

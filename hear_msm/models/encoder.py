@@ -545,6 +545,13 @@ def masked_patch_infonce(prediction: torch.Tensor, target: torch.Tensor, mask: t
     return nn.functional.cross_entropy(logits[rows], rows[1])
 
 
+def grad_needed(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a call of `module` on x must be differentiable: gradients enabled and x or any of the
+    module's parameters trainable. The inference-only fast paths (compiled scan, oneDNN Linears)
+    detach their inputs, so they may run only when this is False."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 def causal_conv1d_stream(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv over one segment of a longer sequence (Mamba's and mLSTM's short conv).

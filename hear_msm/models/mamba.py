@@ -27,7 +27,7 @@ from torch import nn
 from ..ops import onednn
 from ..ops import selective_scan as scan_ops
 from ..ops.selective_scan import KERNELS
-from .encoder import EncoderConfig, MaskedSpectrogramModel, causal_conv1d_stream
+from .encoder import EncoderConfig, MaskedSpectrogramModel, causal_conv1d_stream, grad_needed
 from .registry import register_family, register_model
 
 
@@ -82,11 +82,6 @@ class MambaMixer(nn.Module):
         with torch.no_grad():
             return self._mix(hidden, state if state is not None else ())
 
-    def needs_grad(self, hidden: torch.Tensor) -> bool:
-        """Whether this call must be differentiable: any trainable parameter counts, as the inference
-        paths (compiled scan, oneDNN in_proj) detach their inputs."""
-        return torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))
-
     def project_in(self, hidden: torch.Tensor, path: str, needs_grad: bool) -> torch.Tensor:
         """in_proj: [B, L, D] -> [B, L, 2 E]. On the compiled CPU path, oneDNN's Linear where it gives
         ATen's bits (`ops.onednn.takes`: D <= 192, the tiny models), faster for this shape."""
@@ -98,7 +93,7 @@ class MambaMixer(nn.Module):
         length = hidden.shape[1]
         rank, n = self.config.resolved_dt_rank, self.config.d_state
         ssm_state = new_state = None
-        needs_grad = self.needs_grad(hidden)
+        needs_grad = grad_needed(self, hidden)
         path = scan_ops.resolve(self.kernel, hidden.is_cuda)
         u, gate = self.project_in(hidden, path, needs_grad).chunk(2, dim=-1)  # [B, L, E] each
         if state is None and path == "cpu" and not needs_grad and u.dtype == torch.float32:

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..ops import selective_scan as scan_ops
 from ..ops.selective_scan import KERNELS
-from .encoder import MASKING_MODES, random_patch_mask
+from .encoder import MASKING_MODES, grad_needed, random_patch_mask
 from .mamba import MambaConfig, MambaMixer, fused_cuda_scan
 from .registry import register_family, register_model
 
@@ -95,7 +95,7 @@ class BiMambaMixer(MambaMixer):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         path = scan_ops.resolve(self.kernel, hidden.is_cuda)
-        x, gate = self.project_in(hidden, path, self.needs_grad(hidden)).chunk(2, dim=-1)  # [B, L, E] each
+        x, gate = self.project_in(hidden, path, grad_needed(self, hidden)).chunk(2, dim=-1)  # [B, L, E] each
         forward = self.scan_direction(x, gate, reverse=False)
         backward = self.scan_direction(x.flip(1), gate.flip(1), reverse=True).flip(1)
         return self.out_proj((forward + backward) / 2)
@@ -128,7 +128,7 @@ class BiMambaMixer(MambaMixer):
         if path == "cuda":
             return fused_cuda_scan(u, dt, A, B, C, gate, dt_proj, D).to(x.dtype)
         delta = F.softplus(dt_proj(dt).to(compute))
-        needs_grad = self.needs_grad(x)
+        needs_grad = grad_needed(self, x)
         args = (u.to(compute), delta, A, B.to(compute), C.to(compute), D.to(compute))
         if path == "reference":
             y = scan_ops.selective_scan_reference(*args)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import onednn
-from .encoder import EncoderConfig, MaskedSpectrogramModel
+from .encoder import EncoderConfig, MaskedSpectrogramModel, grad_needed
 from .registry import register_family, register_model
 
 
@@ -81,8 +81,7 @@ class TransformerBlock(nn.Module):
         self.kernel = check_kernel(kernel)  # runtime choice, not saved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if resolve(self.kernel, x, needs_grad=torch.is_grad_enabled() and (
-                x.requires_grad or any(p.requires_grad for p in self.parameters()))) == "onednn":
+        if resolve(self.kernel, x, needs_grad=grad_needed(self, x)) == "onednn":
             return self.forward_onednn(x)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
@@ -93,7 +92,7 @@ class TransformerBlock(nn.Module):
         The qkv, proj and first MLP Linear run as oneDNN inner products whose bias add, residual add
         (proj) and exact GELU (layer1) are applied to the accumulator before it is stored, instead of
         ATen's bias broadcast copy, a separate add pass and a separate GELU pass. layer2 (K = 4D)
-        stays ATen's (see ONEDNN_MAX_WIDTH), with the residual added in place. At D <= 192 every
+        stays ATen's (see `ops.onednn.MAX_WIDTH`), with the residual added in place. At D <= 192 every
         result rounded as the reference's on the AMD EPYC measured; tests/test_transformer_fused.py holds
         it to the float64-anchored bound on any CPU.
         """
@@ -122,10 +121,6 @@ class TransformerBlock(nn.Module):
 # (CPU, float32, no gradients, PyTorch built with oneDNN) and is as accurate, else the reference.
 KERNELS = ("auto", "onednn", "reference")
 
-# `auto` keeps models wider than oneDNN's identical-bits width on the reference (`ops.onednn`)
-ONEDNN_MAX_WIDTH = onednn.MAX_WIDTH
-
-
 def check_kernel(kernel: str) -> str:
     """The one check of a kernel value for SSAST, called by the builder, blocks and `set_kernel`."""
     if kernel not in KERNELS:
@@ -136,19 +131,19 @@ def check_kernel(kernel: str) -> str:
 def resolve(kernel: str, x: torch.Tensor, needs_grad: bool) -> str:
     """The one dispatch decision of the block for input x [B, L, D]: "onednn" or "reference".
 
-    `auto` takes onednn for float32 CPU tensors without gradients or autocast when PyTorch has
-    oneDNN and D <= ONEDNN_MAX_WIDTH, outside torch.compile; `onednn` demands it at any width (ValueError saying why it
-    cannot run); `reference` never takes it.
+    `auto` takes onednn where `ops.onednn.takes` does (float32 CPU tensors without gradients or
+    autocast, PyTorch with oneDNN, D <= its MAX_WIDTH, outside torch.compile, whose traced plain
+    block inductor fuses itself); `onednn` demands it at any width (ValueError saying why it cannot
+    run); `reference` never takes it.
     """
     check_kernel(kernel)
-    # under torch.compile the plain block is traced: inductor fuses the epilogues itself
-    if kernel == "reference" or (kernel == "auto" and torch.compiler.is_compiling()):
+    if kernel == "reference":
         return "reference"
+    if kernel == "auto":
+        return "onednn" if onednn.takes(x, x.shape[-1], needs_grad) else "reference"
     why_not = onednn.why_not(x, needs_grad)
-    if kernel == "onednn" and why_not:
+    if why_not:
         raise ValueError(f"kernel='onednn' cannot run: {why_not}; use kernel='auto' or 'reference'")
-    if why_not or (kernel == "auto" and x.shape[-1] > ONEDNN_MAX_WIDTH):
-        return "reference"
     return "onednn"
 
 

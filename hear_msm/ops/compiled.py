@@ -62,8 +62,6 @@ def require_float32(what: str, **tensors) -> None:
 def hide_c_entry_points_from_compiler() -> None:
     """Route every `c_entry_point` through `torch.compiler.disable` (idempotent): torch.compile then
     breaks its graph at the call and runs the function, and all it calls, eagerly."""
-    import torch
-
     for target in _C_ENTRY_POINTS:
         if not getattr(target["call"], "_torchdynamo_disable", False):
             target["call"] = torch.compiler.disable(target["call"], reason="hear_msm C kernel: raw tensor pointers")
